@@ -1,0 +1,122 @@
+"""The interface every merge method implements.
+
+A method merges one output tensor at a time. It sees its inputs through a
+`TensorContext`, which reads source tensors on demand (as float32, one call one
+read), hands out parameters already resolved for this tensor (gradients and
+filter rules applied, per-model values falling back to method-wide ones), and
+provides position-keyed randomness. A method returns the merged tensor in
+float32; the executor casts it to the output dtype once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Protocol
+
+import torch
+
+Scalar = float | int | bool
+
+#: Where a parameter may be written: per model (falling back to the method-wide
+#: value) or only method-wide.
+ParamScope = Literal["model", "method"]
+
+#: Whether a method needs `base`, may use one, or ignores it.
+BasePolicy = Literal["required", "optional"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A parameter a method accepts; `default=None` means the user must set it."""
+
+    name: str
+    kind: type[float] | type[int] | type[bool]
+    scope: ParamScope
+    default: Scalar | None = None
+    #: Allowed range for numbers: (low, high, low_inclusive, high_inclusive).
+    bounds: tuple[float, float, bool, bool] | None = None
+
+    def check(self, value: Scalar) -> str | None:
+        """Return why `value` is not acceptable, or None when it is."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else "must be true or false"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "must be a number"
+        if self.kind is int and not float(value).is_integer():
+            return "must be a whole number"
+        if self.bounds is not None:
+            low, high, low_in, high_in = self.bounds
+            above = value >= low if low_in else value > low
+            below = value <= high if high_in else value < high
+            if not (above and below):
+                left, right = "[" if low_in else "(", "]" if high_in else ")"
+                return f"must be in {left}{low:g}, {high:g}{right}"
+        return None
+
+
+class TensorContext(Protocol):
+    """What a method sees of one output tensor."""
+
+    #: The tensor's name, e.g. "model.layers.3.self_attn.q_proj.weight".
+    name: str
+    #: The tensor's shape (all inputs share it).
+    shape: tuple[int, ...]
+    #: Number of models in the spec's `models` list that hold this tensor.
+    num_models: int
+    #: Whether a base model takes part in this tensor.
+    has_base: bool
+
+    def base(self) -> torch.Tensor:
+        """The base tensor as float32 (reads it; call once)."""
+        ...
+
+    def model(self, i: int) -> torch.Tensor:
+        """Model i's tensor as float32 (reads it; call once per model)."""
+        ...
+
+    def param(self, name: str) -> Scalar:
+        """A method-wide parameter, resolved for this tensor."""
+        ...
+
+    def model_param(self, i: int, name: str) -> Scalar:
+        """Model i's value of a per-model parameter, resolved for this tensor."""
+        ...
+
+    def uniform(self, i: int) -> torch.Tensor:
+        """Float64 uniforms in [0, 1), one per element of model i's tensor (shape `shape`).
+
+        Each value is a pure function of (seed, model i's tensor digest, tensor
+        name, flat element index), so it never depends on schedule or block size.
+        """
+        ...
+
+
+class Method(ABC):
+    """A merge method: a name, its parameters, and how it merges one tensor."""
+
+    name: ClassVar[str]
+    #: Bump when the arithmetic changes: it is part of every cache key.
+    version: ClassVar[int] = 1
+    base_policy: ClassVar[BasePolicy] = "required"
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    params: ClassVar[tuple[ParamSpec, ...]] = ()
+
+    @abstractmethod
+    def merge(self, ctx: TensorContext) -> torch.Tensor:
+        """Merge one tensor; return float32 of shape `ctx.shape`."""
+
+    def check_params(self, shared: dict[str, Scalar], per_model: list[dict[str, Scalar]]) -> str | None:
+        """Return why a combination of resolved values is invalid (beyond each
+        parameter's own bounds), or None. Called once per tensor at compile time."""
+        return None
+
+    def param_spec(self, name: str) -> ParamSpec | None:
+        """The spec of parameter `name`, or None if this method does not take it."""
+        return next((p for p in self.params if p.name == name), None)
+
+
+#: int8_mask is accepted for mergekit compatibility and has no effect on results.
+INT8_MASK = ParamSpec("int8_mask", bool, "method", default=False)
+WEIGHT = ParamSpec("weight", float, "model", default=None)

@@ -1,0 +1,209 @@
+"""Generalized task arithmetic: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+Per tensor: delta_i = model_i - base; sparsify each delta with its own density;
+multiply by its weight; with consensus keep only entries whose sign matches the
+elected sign of the weighted sum; optionally normalize by the summed weights of
+what was kept; scale by lambda; add to the base. See DESIGN.md section 5.
+
+Memory does not grow with the number of models: models are folded in one at a
+time into a handful of accumulators, and the consensus is resolved at the end
+(the elected sign picks the positive or the negative partial sums).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from mergebuild.methods import sparsify
+from mergebuild.methods.base import INT8_MASK, WEIGHT, Method, ParamSpec, Scalar, TensorContext
+
+Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della"]
+
+_DENSITY = ParamSpec("density", float, "model", default=1.0, bounds=(0.0, 1.0, False, True))
+_GAMMA = ParamSpec("gamma", float, "model", default=0.01, bounds=(0.0, 1.0, True, False))
+_EPSILON = ParamSpec("epsilon", float, "model", default=0.15, bounds=(0.0, 1.0, True, False))
+_LAMBDA = ParamSpec("lambda", float, "method", default=1.0)
+
+
+@dataclass
+class _Fold:
+    """Running sums over models. With consensus: positive and negative parts kept apart."""
+
+    total: torch.Tensor
+    pos: torch.Tensor | None = None
+    neg: torch.Tensor | None = None
+    pos_weight: torch.Tensor | None = None
+    neg_weight: torch.Tensor | None = None
+
+
+class TaskArithmeticFamily(Method):
+    """One member of the family, fixed by its consensus, sparsifier and defaults."""
+
+    consensus: ClassVar[bool] = False
+    sparsifier: ClassVar[Sparsifier | None] = None
+    default_normalize: ClassVar[bool] = False
+    default_rescale: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        params = [
+            WEIGHT,
+            _DENSITY,
+            ParamSpec("normalize", bool, "method", default=cls.default_normalize),
+            ParamSpec("rescale", bool, "method", default=cls.default_rescale),
+            _LAMBDA,
+            INT8_MASK,
+        ]
+        if cls.sparsifier == "magnitude_outliers":
+            params.append(_GAMMA)
+        if cls.sparsifier == "della":
+            params.append(_EPSILON)
+        cls.params = tuple(params)
+
+    def check_params(self, shared: dict[str, Scalar], per_model: list[dict[str, Scalar]]) -> str | None:
+        if self.sparsifier != "della":
+            return None
+        for values in per_model:
+            density, epsilon = float(values["density"]), float(values["epsilon"])
+            if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+                return f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}"
+        return None
+
+    def sparsified_delta(self, ctx: TensorContext, i: int, delta: torch.Tensor) -> torch.Tensor:
+        """Model i's delta after sparsification (and L1 rescale when enabled)."""
+        density = float(ctx.model_param(i, "density"))
+        if self.sparsifier is None or density >= 1 or delta.numel() == 0:
+            return delta
+        if self.sparsifier == "magnitude":
+            mask = sparsify.magnitude(delta, density)
+        elif self.sparsifier == "magnitude_outliers":
+            mask = sparsify.magnitude_outliers(delta, density, float(ctx.model_param(i, "gamma")))
+        elif self.sparsifier == "random":
+            mask = sparsify.random(ctx.uniform(i), density)
+        else:
+            epsilon = float(ctx.model_param(i, "epsilon"))
+            mask = sparsify.della(delta, ctx.uniform(i), density, epsilon)
+        kept = delta * mask
+        return sparsify.rescale_l1(delta, kept) if ctx.param("rescale") else kept
+
+    def merge(self, ctx: TensorContext) -> torch.Tensor:
+        base = ctx.base()
+        if ctx.num_models == 0:
+            return base
+        fold: _Fold | None = None
+        weight_sum = torch.zeros((), dtype=torch.float32)
+        for i in range(ctx.num_models):
+            weight = torch.tensor(float(ctx.model_param(i, "weight")), dtype=torch.float32)
+            weighted = self.sparsified_delta(ctx, i, ctx.model(i) - base) * weight
+            weight_sum += weight
+            fold = self._add(fold, weighted, weight)
+        assert fold is not None
+        mixed, divisor = self._resolve(fold, weight_sum)
+        if ctx.param("normalize"):
+            mixed = mixed / divisor
+        lam = float(ctx.param("lambda"))
+        if lam != 1:
+            mixed = mixed * torch.tensor(lam, dtype=torch.float32)
+        return base + mixed
+
+    def _add(self, fold: _Fold | None, weighted: torch.Tensor, weight: torch.Tensor) -> _Fold:
+        zero = torch.zeros_like(weighted)
+        if not self.consensus:
+            if fold is None:
+                return _Fold(total=weighted.clone())
+            fold.total += weighted
+            return fold
+        positive, negative = weighted > 0, weighted < 0
+        if fold is None:
+            fold = _Fold(
+                total=zero.clone(),
+                pos=zero.clone(),
+                neg=zero.clone(),
+                pos_weight=zero.clone(),
+                neg_weight=zero.clone(),
+            )
+        assert fold.pos is not None and fold.neg is not None
+        assert fold.pos_weight is not None and fold.neg_weight is not None
+        fold.total += weighted
+        fold.pos += torch.where(positive, weighted, zero)
+        fold.neg += torch.where(negative, weighted, zero)
+        fold.pos_weight += positive * weight
+        fold.neg_weight += negative * weight
+        return fold
+
+    def _resolve(self, fold: _Fold, weight_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixed delta and the divisor used by `normalize`."""
+        if not self.consensus:
+            divisor = weight_sum if weight_sum.abs() >= 1e-8 else torch.ones(())
+            return fold.total, divisor
+        assert fold.pos is not None and fold.neg is not None
+        assert fold.pos_weight is not None and fold.neg_weight is not None
+        elected_positive = fold.total >= 0
+        mixed = torch.where(elected_positive, fold.pos, fold.neg)
+        divisor = torch.where(elected_positive, fold.pos_weight, fold.neg_weight)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        return mixed, divisor
+
+
+class TaskArithmetic(TaskArithmeticFamily):
+    name = "task_arithmetic"
+
+
+class Ties(TaskArithmeticFamily):
+    name = "ties"
+    consensus = True
+    sparsifier = "magnitude"
+    default_normalize = True
+
+
+class DareLinear(TaskArithmeticFamily):
+    name = "dare_linear"
+    sparsifier = "random"
+    default_rescale = True
+
+
+class DareTies(TaskArithmeticFamily):
+    name = "dare_ties"
+    consensus = True
+    sparsifier = "random"
+    default_rescale = True
+
+
+class Breadcrumbs(TaskArithmeticFamily):
+    name = "breadcrumbs"
+    sparsifier = "magnitude_outliers"
+
+
+class BreadcrumbsTies(TaskArithmeticFamily):
+    name = "breadcrumbs_ties"
+    consensus = True
+    sparsifier = "magnitude_outliers"
+
+
+class Della(TaskArithmeticFamily):
+    name = "della"
+    consensus = True
+    sparsifier = "della"
+    default_normalize = True
+    default_rescale = True
+
+
+class DellaLinear(TaskArithmeticFamily):
+    name = "della_linear"
+    sparsifier = "della"
+    default_rescale = True
+
+
+METHODS: tuple[type[Method], ...] = (
+    TaskArithmetic,
+    Ties,
+    DareLinear,
+    DareTies,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    Della,
+    DellaLinear,
+)
