@@ -68,7 +68,7 @@ class TaskArithmeticFamily(Method):
             return None
         for values in per_model:
             density, epsilon = float(values["density"]), float(values["epsilon"])
-            if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
                 return f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}"
         return None
 

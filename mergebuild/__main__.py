@@ -1,0 +1,5 @@
+"""`python -m mergebuild` runs the CLI."""
+
+from mergebuild.cli import main
+
+main()

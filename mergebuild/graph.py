@@ -1,0 +1,216 @@
+"""Compile: a validated merge spec and its opened sources -> the work per output tensor.
+
+The output holds the tensors of the base (of the first model when there is no
+base). For each, the compiled node lists the source tensors it reads, the
+parameters resolved for that tensor, and whether it is merged or copied:
+non-floating tensors (integer buffers such as position_ids) are copied from the
+base unchanged; a model that lacks a tensor takes no part in it; a tensor held
+by fewer models than the method needs is copied from the base. A node's cache
+key is derived from these and from its inputs' digests (`node_key`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import xxhash
+
+from mergebuild import params as param_resolver
+from mergebuild.errors import InputError, SpecError
+from mergebuild.methods import get_method
+from mergebuild.methods.base import Method, Scalar
+from mergebuild.safetensors_io import TensorInfo
+from mergebuild.sources import ModelSource
+from mergebuild.spec import MergeSpec, Spec, canonical_json
+
+Action = Literal["merge", "copy"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TensorNode:
+    """One output tensor: what it reads and how it is made."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    action: Action
+    #: The tensor copied (action "copy") or the base's tensor (action "merge"), if any.
+    base: TensorInfo | None
+    #: (index in the spec's models list, tensor) for each model taking part.
+    models: tuple[tuple[int, TensorInfo], ...]
+    shared: tuple[tuple[str, Scalar], ...]
+    per_model: tuple[tuple[tuple[str, Scalar], ...], ...]
+    #: Why a tensor is copied rather than merged, for the build report.
+    note: str = ""
+
+    @property
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        return ((self.base,) if self.base is not None else ()) + tuple(info for _, info in self.models)
+
+
+@dataclass(frozen=True)
+class CompiledTarget:
+    """A target ready to plan and execute."""
+
+    name: str
+    spec: MergeSpec
+    method: Method
+    output: Path
+    base: ModelSource | None
+    models: tuple[ModelSource, ...]
+    nodes: tuple[TensorNode, ...]
+
+    @property
+    def reference(self) -> ModelSource:
+        """The source whose config, tokenizer and tensor list the output follows."""
+        return self.base if self.base is not None else self.models[0]
+
+
+def compile_target(
+    spec: Spec, name: str, open_source: callable[[Path], ModelSource] = ModelSource.open
+) -> CompiledTarget:
+    """Open a target's sources and compile one node per output tensor."""
+    target = spec.targets[name]
+    method = get_method(target.method)
+    base = open_source(spec.resolve(target.base.path)) if target.base else None
+    models = tuple(open_source(spec.resolve(m.path)) for m in target.models)
+    reference = base if base is not None else models[0]
+    num_layers = _num_layers(reference)
+    nodes = []
+    for tensor_name in sorted(reference.tensors):
+        nodes.append(_compile_tensor(target, method, tensor_name, base, models, reference, num_layers))
+    return CompiledTarget(
+        name=name,
+        spec=target,
+        method=method,
+        output=spec.resolve(target.output),
+        base=base,
+        models=models,
+        nodes=tuple(nodes),
+    )
+
+
+def _compile_tensor(
+    target: MergeSpec,
+    method: Method,
+    name: str,
+    base: ModelSource | None,
+    models: tuple[ModelSource, ...],
+    reference: ModelSource,
+    num_layers: int,
+) -> TensorNode:
+    ref = reference.tensors[name]
+    base_info = base.tensors[name] if base is not None else None
+    if not ref.is_float:
+        return TensorNode(name, ref.shape, ref.torch_dtype, "copy", ref, (), (), (), "not floating point")
+    taking_part: list[tuple[int, TensorInfo]] = []
+    for i, model in enumerate(models):
+        info = model.tensors.get(name)
+        if info is None:
+            continue
+        if info.shape != ref.shape:
+            raise InputError(
+                f"tensor {name!r}: shape {list(info.shape)} in {target.models[i].path} "
+                f"differs from {list(ref.shape)} in {reference.path}"
+            )
+        if not info.is_float:
+            raise InputError(
+                f"tensor {name!r}: dtype {info.dtype} in {target.models[i].path} is not floating point"
+            )
+        taking_part.append((i, info))
+    out_dtype = _DTYPES[target.dtype] if target.dtype else ref.torch_dtype
+    if len(taking_part) < method.min_models:
+        if base_info is None:
+            raise InputError(
+                f"tensor {name!r}: {method.name} needs it in at least {method.min_models} models, "
+                f"{len(taking_part)} have it"
+            )
+        return TensorNode(name, ref.shape, out_dtype, "copy", base_info, (), (), (), "missing from models")
+    t = param_resolver.layer_position(name, num_layers)
+    shared = _resolve_shared(target, method, name, t)
+    per_model = tuple(_resolve_model(target, method, i, name, t) for i, _ in taking_part)
+    problem = method.check_params(dict(shared), [dict(p) for p in per_model])
+    if problem:
+        raise SpecError(f"tensor {name!r}: {problem}")
+    return TensorNode(name, ref.shape, out_dtype, "merge", base_info, tuple(taking_part), shared, per_model)
+
+
+def _resolve_shared(target: MergeSpec, method: Method, name: str, t: float) -> tuple[tuple[str, Scalar], ...]:
+    values: list[tuple[str, Scalar]] = []
+    for p in method.params:
+        if p.scope != "method":
+            continue
+        value = _lookup(target.parameters, p.name, name, t)
+        if value is None:
+            value = p.default
+        if value is None:
+            raise SpecError(f"parameters.{p.name}: no value applies to tensor {name!r}")
+        values.append((p.name, p.kind(value)))
+    return tuple(values)
+
+
+def _resolve_model(
+    target: MergeSpec, method: Method, index: int, name: str, t: float
+) -> tuple[tuple[str, Scalar], ...]:
+    values: list[tuple[str, Scalar]] = []
+    for p in method.params:
+        if p.scope != "model":
+            continue
+        value = _lookup(target.models[index].parameters, p.name, name, t)
+        if value is None:
+            value = _lookup(target.parameters, p.name, name, t)
+        if value is None:
+            value = p.default
+        if value is None:
+            raise SpecError(f"models.{index}.parameters.{p.name}: no value applies to tensor {name!r}")
+        values.append((p.name, p.kind(value)))
+    return tuple(values)
+
+
+def _lookup(parameters: dict, key: str, name: str, t: float) -> Scalar | None:
+    return param_resolver.resolve(parameters[key], name, t) if key in parameters else None
+
+
+def _num_layers(reference: ModelSource) -> int:
+    """Layer count from the reference's config.json, else from its tensor names."""
+    directory = reference.directory
+    if directory is not None and (directory / "config.json").is_file():
+        try:
+            config = json.loads((directory / "config.json").read_text())
+            layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
+            if isinstance(layers, int) and layers > 0:
+                return layers
+        except (OSError, ValueError, AttributeError):
+            pass
+    indices = [param_resolver.layer_index(n) for n in reference.tensors]
+    found = [i for i in indices if i is not None]
+    return max(found) + 1 if found else 0
+
+
+def node_key(
+    node: TensorNode,
+    method: Method,
+    seed: int,
+    input_digests: tuple[bytes, ...],
+) -> str:
+    """The content key of a node: everything that can change its result.
+
+    Operator name and version, canonical parameters, input digests, seed and
+    output dtype; scheduling hints (threads, block size, device) stay out.
+    """
+    record = {
+        "op": [method.name, method.version] if node.action == "merge" else ["copy", 1],
+        "shared": dict(node.shared),
+        "models": [dict(p) for p in node.per_model],
+        "inputs": [d.hex() for d in input_digests],
+        "seed": seed,
+        "dtype": str(node.dtype),
+        "shape": list(node.shape),
+    }
+    return xxhash.xxh3_128_hexdigest(canonical_json(record).encode())

@@ -1,0 +1,214 @@
+"""Reading and writing safetensors files without unpickling or loading whole files.
+
+The header is parsed and checked before any tensor byte is trusted: its length
+against the file and a cap, every entry's dtype, shape and offsets (in range,
+matching dtype x shape, not overlapping). Tensors are read as byte ranges with
+`os.pread`, so a row range costs exactly its bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergebuild.errors import InputError
+
+#: Same cap as the reference implementation: a real header is a few MB at most.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and absolute byte range."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return self.torch_dtype.itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Length of the leading dimension (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def is_float(self) -> bool:
+        return self.torch_dtype.is_floating_point
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    """A parsed safetensors header: the file's tensors and metadata."""
+
+    path: Path
+    size: int
+    header: bytes
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    @classmethod
+    def open(cls, path: Path) -> SafetensorsFile:
+        """Parse and check the header of `path`; raise InputError on anything malformed."""
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+                (length,) = struct.unpack("<Q", prefix)
+                if length > MAX_HEADER_BYTES:
+                    raise InputError(
+                        f"{path}: header length {length} exceeds the {MAX_HEADER_BYTES} byte cap"
+                    )
+                if 8 + length > size:
+                    raise InputError(f"{path}: header length {length} is larger than the file ({size} bytes)")
+                header = f.read(length)
+        except OSError as e:
+            raise InputError(f"{path}: cannot read: {e.strerror}") from e
+        tensors, metadata = _parse_header(path, header, data_start=8 + length, size=size)
+        return cls(path=path, size=size, header=header, tensors=tensors, metadata=metadata)
+
+
+def _parse_header(
+    path: Path, header: bytes, data_start: int, size: int
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    try:
+        parsed = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(parsed, dict):
+        raise InputError(f"{path}: header is not a JSON object")
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InputError(f"{path}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    data_size = size - data_start
+    for name, entry in parsed.items():
+        tensors[name] = _parse_entry(path, name, entry, data_start, data_size)
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
+    for (_, end_a, name_a), (start_b, _, name_b) in itertools.pairwise(spans):
+        if start_b < end_a:
+            raise InputError(f"{path}: tensors {name_a!r} and {name_b!r} overlap")
+    return tensors, metadata
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise InputError(f"{where}: entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise InputError(f"{where}: unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape
+    ):
+        raise InputError(f"{where}: shape must be a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise InputError(f"{where}: data_offsets must be two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise InputError(f"{where}: data_offsets [{begin}, {end}] out of range (data is {data_size} bytes)")
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise InputError(f"{where}: holds {end - begin} bytes but {dtype} x {shape} needs {expected}")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def read_bytes(info: TensorInfo, start: int, end: int, fd: int | None = None) -> bytearray:
+    """Bytes [start, end) of a tensor's data (offsets relative to the tensor), via pread."""
+    length = end - start
+    buf = bytearray(length)
+    view = memoryview(buf)
+    own = fd is None
+    if own:
+        try:
+            fd = os.open(info.path, os.O_RDONLY)
+        except OSError as e:
+            raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
+    assert fd is not None
+    try:
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], info.start + start + done)
+            if n == 0:
+                raise InputError(f"{info.path}: file is truncated inside tensor {info.name!r}")
+            done += n
+    finally:
+        if own:
+            os.close(fd)
+    return buf
+
+
+def bytes_to_tensor(data: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """View raw little-endian bytes as a tensor (no copy)."""
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def header_for(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """A safetensors header for tensors laid out in the given order, padded to 8 bytes."""
+    body: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        body[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw

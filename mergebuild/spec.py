@@ -1,0 +1,322 @@
+"""Spec evaluation (Jsonnet -> JSON) and validation (JSON -> frozen models).
+
+Imports are confined to the spec's directory tree and the bundled
+`mergebuild.libsonnet`; every imported file's digest is recorded for the
+lockfile. Schema errors name the field path; Jsonnet errors name file:line:col.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import _jsonnet
+import xxhash
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mergebuild.errors import SpecError
+from mergebuild.methods import REGISTRY
+from mergebuild.methods.base import Method
+
+LIBRARY_NAME = "mergebuild.libsonnet"
+LIBRARY_PATH = Path(__file__).parent / LIBRARY_NAME
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string such as '16MiB' or '4GB'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"not a size: {value!r} (use e.g. '16MiB', '4GB' or a number of bytes)")
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    else:
+        raise ValueError("must be a number of bytes or a string such as '16MiB'")
+    if size <= 0:
+        raise ValueError("must be positive")
+    return size
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+Number = StrictInt | StrictFloat
+Gradient = Annotated[list[Number], Field(min_length=1)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FilterRule(_Frozen):
+    """`{filter: 'substring', value: ...}`: applies to tensors whose name contains `filter`."""
+
+    filter: str | None = None
+    value: StrictBool | Number | Gradient
+
+
+ParamValue = StrictBool | Number | Gradient | Annotated[list[FilterRule], Field(min_length=1)]
+
+
+class ModelEntry(_Frozen):
+    """One input model: a path and its own parameters."""
+
+    path: str
+    parameters: dict[str, ParamValue] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, data: object) -> object:
+        return {"path": data} if isinstance(data, str) else data
+
+
+class Budget(_Frozen):
+    """A read budget: a fraction of the full expert bytes, or a byte count."""
+
+    fraction: float | None = Field(default=None, gt=0, le=1)
+    bytes: ByteSize | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Budget:
+        if (self.fraction is None) == (self.bytes is None):
+            raise ValueError("give exactly one of fraction or bytes")
+        return self
+
+
+class MergeSpec(_Frozen):
+    """One merge (DESIGN.md section 2)."""
+
+    method: str
+    base: ModelEntry | None = None
+    models: list[ModelEntry] = []
+    parameters: dict[str, ParamValue] = {}
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    seed: StrictInt = 0
+    budget: Budget | None = None
+    block_size: ByteSize = 16 * 2**20
+    shard_size: ByteSize = 5 * 10**9
+    tokenizer: str | None = None
+    output: str
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in REGISTRY:
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(REGISTRY))}")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_method(self) -> MergeSpec:
+        method = REGISTRY[self.method]
+        if self.budget is not None:
+            raise ValueError("budget is not supported yet")
+        if method.base_policy == "required" and self.base is None:
+            raise ValueError(f"method {self.method!r} needs a base model")
+        count = len(self.models)
+        if count < method.min_models or (method.max_models is not None and count > method.max_models):
+            wanted = (
+                f"exactly {method.min_models}"
+                if method.max_models == method.min_models
+                else f"at least {method.min_models}"
+                + (f" and at most {method.max_models}" if method.max_models else "")
+            )
+            raise ValueError(f"method {self.method!r} takes {wanted} models, got {count}")
+        if self.base is not None and self.base.parameters:
+            raise ValueError("the base takes no parameters; put them under models or parameters")
+        _check_params(method, self.parameters, "parameters", per_model=False)
+        for i, entry in enumerate(self.models):
+            _check_params(method, entry.parameters, f"models.{i}.parameters", per_model=True)
+        for spec in method.params:
+            if spec.default is not None or spec.name in self.parameters:
+                continue
+            if spec.scope == "method":
+                raise ValueError(f"parameters.{spec.name}: required by {self.method!r}")
+            for i, entry in enumerate(self.models):
+                if spec.name not in entry.parameters:
+                    raise ValueError(
+                        f"models.{i}.parameters.{spec.name}: required by {self.method!r} "
+                        "(set it per model or in parameters)"
+                    )
+        return self
+
+
+def _check_params(method: Method, params: dict[str, ParamValue], where: str, per_model: bool) -> None:
+    for name, value in params.items():
+        spec = method.param_spec(name)
+        if spec is None:
+            known = ", ".join(p.name for p in method.params) or "none"
+            raise ValueError(
+                f"{where}.{name}: {method.name!r} takes no parameter {name!r} (it takes: {known})"
+            )
+        if per_model and spec.scope == "method":
+            raise ValueError(f"{where}.{name}: {name!r} is method-wide; set it under parameters")
+        for scalar in _scalars(value):
+            problem = spec.check(scalar)
+            if problem:
+                raise ValueError(f"{where}.{name}: {problem}, got {scalar!r}")
+
+
+def _scalars(value: ParamValue) -> list[bool | int | float]:
+    if isinstance(value, list):
+        out: list[bool | int | float] = []
+        for item in value:
+            out.extend(_scalars(item.value) if isinstance(item, FilterRule) else [item])
+        return out
+    return [value]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An evaluated, validated spec file: its targets and what it was made from."""
+
+    path: Path
+    evaluated: dict
+    targets: dict[str, MergeSpec]
+    #: Digest of every imported Jsonnet file (relative path or library name -> hex).
+    imports: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    @property
+    def digest(self) -> str:
+        """Digest of the evaluated spec's canonical JSON."""
+        return xxhash.xxh3_128_hexdigest(canonical_json(self.evaluated).encode())
+
+    def resolve(self, path: str) -> Path:
+        """A spec path, relative to the spec's directory."""
+        return (self.directory / path).resolve() if not Path(path).is_absolute() else Path(path)
+
+
+def canonical_json(value: object) -> str:
+    """Compact JSON with sorted keys: equal values give equal strings."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass
+class _Importer:
+    """Jsonnet import callback confined to `root` and the bundled library."""
+
+    root: Path
+    digests: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, directory: str, rel: str) -> tuple[str, bytes]:
+        if rel == LIBRARY_NAME:
+            target = LIBRARY_PATH
+        else:
+            target = (Path(directory) / rel).resolve()
+            allowed = (self.root, LIBRARY_PATH.parent)
+            if not any(target.is_relative_to(a) for a in allowed):
+                raise RuntimeError(f"import {rel!r} is outside the spec's directory tree")
+        try:
+            content = target.read_bytes()
+        except OSError as e:
+            raise RuntimeError(f"cannot import {rel!r}: {e.strerror}") from e
+        key = LIBRARY_NAME if target == LIBRARY_PATH else str(target.relative_to(self.root))
+        self.digests[key] = xxhash.xxh3_128_hexdigest(content)
+        return str(target), content
+
+
+def evaluate(
+    path: Path,
+    *,
+    ext_vars: dict[str, str] | None = None,
+    ext_codes: dict[str, str] | None = None,
+    tla_vars: dict[str, str] | None = None,
+    tla_codes: dict[str, str] | None = None,
+) -> tuple[dict, dict[str, str]]:
+    """Evaluate a Jsonnet file; return its JSON value and the digests of what it imported."""
+    path = path.resolve()
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    importer = _Importer(root=path.parent)
+    try:
+        text = _jsonnet.evaluate_file(
+            str(path),
+            ext_vars=ext_vars or {},
+            ext_codes=ext_codes or {},
+            tla_vars=tla_vars or {},
+            tla_codes=tla_codes or {},
+            import_callback=importer,
+        )
+    except RuntimeError as e:
+        raise SpecError(_jsonnet_message(str(e), path.parent)) from None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise SpecError(f"{path}: a spec must evaluate to an object, got {type(value).__name__}")
+    return value, dict(sorted(importer.digests.items()))
+
+
+def _jsonnet_message(raw: str, root: Path) -> str:
+    """One line: 'file:line:col: ERROR KIND: message', paths relative to the spec directory."""
+    lines = [line.strip() for line in raw.strip().splitlines() if line.strip()]
+    head = lines[0] if lines else raw
+    location = next((line.split()[0] for line in lines[1:] if re.match(r"\S+:\d+:\d+", line)), None)
+    message = f"{location}: {head}" if location and not re.search(r":\d+:\d+", head) else head
+    return message.replace(f"{root}/", "")
+
+
+def load(path: Path, **jsonnet_args: dict[str, str] | None) -> Spec:
+    """Evaluate and validate a spec file."""
+    evaluated, imports = evaluate(path, **jsonnet_args)
+    return Spec(path=path.resolve(), evaluated=evaluated, targets=validate(evaluated), imports=imports)
+
+
+def validate(value: dict) -> dict[str, MergeSpec]:
+    """Validate an evaluated spec: one merge, or {targets: {name: merge}}."""
+    if "targets" in value:
+        extra = sorted(set(value) - {"targets"})
+        if extra:
+            raise SpecError(f"{extra[0]}: not allowed next to targets")
+        raw = value["targets"]
+        if not isinstance(raw, dict) or not raw:
+            raise SpecError("targets: must be a non-empty object of named merges")
+        items = {str(k): v for k, v in raw.items()}
+        prefix = "targets."
+    else:
+        items, prefix = {"default": value}, ""
+    targets: dict[str, MergeSpec] = {}
+    for name, raw_target in items.items():
+        where = f"{prefix}{name}." if prefix else ""
+        try:
+            targets[name] = MergeSpec.model_validate(raw_target)
+        except ValidationError as e:
+            raise SpecError(_schema_message(e, where)) from None
+    outputs: dict[str, str] = {}
+    for name, target in targets.items():
+        if target.output in outputs:
+            raise SpecError(f"targets {outputs[target.output]!r} and {name!r} write the same output")
+        outputs[target.output] = name
+    return targets
+
+
+def _schema_message(error: ValidationError, prefix: str) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    path = f"{prefix}{loc}".rstrip(".")
+    return f"{path}: {msg}" if path else msg
