@@ -1,0 +1,61 @@
+"""Linear merging: a weighted sum of whole tensors (mergekit `linear`)."""
+
+from __future__ import annotations
+
+import torch
+
+from mergebuild.errors import SpecError
+from mergebuild.methods.base import WEIGHT, Method, ParamSpec, TensorContext
+from mergebuild.methods.common import base_param
+
+
+class Linear(Method):
+    """out = sum_i w_i x_i, divided by sum_i w_i when `normalize` (default true).
+
+    Parameters: `weight` (per model, required), `normalize` (method-wide, true).
+
+    Base: optional. mergekit ignores the base role for linear but appends a base
+    model that is not among `models` to the inputs, so a listed base is averaged
+    in like one more expert, after the models, with the method-wide `weight`
+    (the base has no per-model entry; without a method-wide weight the merge is
+    refused, as mergekit refuses a missing weight). Without a base it is a plain
+    weighted average of the models.
+
+    With `normalize` and weights that sum to exactly zero mergekit divides by
+    zero and writes inf/NaN; mergebuild refuses that instead.
+    """
+
+    name = "linear"
+    base_policy = "optional"
+    min_models = 1
+    params = (WEIGHT, ParamSpec("normalize", bool, "method", default=True))
+
+    def merge(self, ctx: TensorContext) -> torch.Tensor:
+        weights: list[float] = []
+        total: torch.Tensor | None = None
+        # Fold one input at a time, in mergekit's input order (models, then base).
+        count = ctx.num_models + int(ctx.has_base)
+        for i in range(count):
+            if i < ctx.num_models:
+                weight = float(ctx.model_param(i, "weight"))
+                x = ctx.model(i)
+            else:
+                weight = float(base_param(ctx, self.name, "weight"))
+                x = ctx.base()
+            weights.append(weight)
+            term = x * torch.tensor(weight, dtype=torch.float32)
+            total = term if total is None else total.add_(term)
+        if total is None:
+            return torch.zeros(ctx.shape, dtype=torch.float32)
+        if ctx.param("normalize"):
+            divisor = torch.tensor(weights, dtype=torch.float32).sum()
+            if divisor == 0:
+                raise SpecError(
+                    f"linear: the weights for {ctx.name} sum to zero, so `normalize` "
+                    "would divide by zero; set normalize: false or change a weight"
+                )
+            total = total.div_(divisor)
+        return total
+
+
+METHODS: tuple[type[Method], ...] = (Linear,)
