@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
@@ -224,9 +225,9 @@ def make_bert_family(
     """A tiny BertModel base (with pooler) and `num_experts` experts under `root`.
 
     Current transformers does not save BERT's integer buffers. With `legacy_buffers`,
-    `embeddings.position_ids` (int64, shape (1, max_positions)) and
-    `embeddings.token_type_ids` (int64 zeros) are written too, as older checkpoints
-    have them, so tests can check that non-floating tensors pass through untouched.
+    `embeddings.position_ids` (int64, shape (1, max_positions)) is written too, as in
+    older checkpoints (and in mergekit's BERT layout), so tests can check that
+    non-floating tensors pass through untouched.
     """
     config = BertConfig(
         vocab_size=vocab_size,
@@ -244,7 +245,6 @@ def make_bert_family(
         positions = config.max_position_embeddings
         extra = {
             "embeddings.position_ids": torch.arange(positions, dtype=torch.int64)[None],
-            "embeddings.token_type_ids": torch.zeros((1, positions), dtype=torch.int64),
         }
     return _make_family(
         model, root, num_experts, seed, dtype, max_shard_size, unchanged, vocab_size, extra
@@ -257,3 +257,13 @@ def read_index(model_dir: Path) -> dict[str, str] | None:
     if not index.exists():
         return None
     return json.loads(index.read_text())["weight_map"]
+
+
+def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory, read with safetensors (sharded or not)."""
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                out[name] = f.get_tensor(name)
+    return out

@@ -7,20 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoTokenizer, BertModel, LlamaForCausalLM
 
-from tests.families import Family, make_bert_family, make_llama_family, read_index
-
-
-def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model directory, read with safetensors (sharded or not)."""
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                out[name] = f.get_tensor(name)
-    return out
+from tests.families import Family, load_tensors, make_bert_family, make_llama_family, read_index
 
 
 @pytest.fixture(scope="module")
