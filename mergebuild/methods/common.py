@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mergebuild.errors import InputError, SpecError
-from mergebuild.methods.base import Scalar, TensorContext
+from mergebuild.methods.base import Method, Scalar, TensorContext
 
 
 def sole_input(ctx: TensorContext) -> torch.Tensor | None:
@@ -38,20 +38,21 @@ def require_models(ctx: TensorContext, method: str, low: int, high: int | None =
         )
 
 
-def base_param(ctx: TensorContext, method: str, name: str) -> Scalar:
-    """The base's value of a per-model parameter: the method-wide value.
+def base_param(ctx: TensorContext, method: Method, name: str) -> Scalar:
+    """The base's value of a per-model parameter: the method-wide value, else the default.
 
     The base has no entry in `models`, so it can only take the method-wide
-    setting, which is where mergekit looks for it too. A missing value is the
-    user's error.
+    setting, which is where mergekit looks for it too. A required parameter
+    without a method-wide value is the user's error.
     """
     try:
         value = ctx.param(name)
     except KeyError:
-        value = None
+        spec = method.param_spec(name)
+        value = spec.default if spec is not None else None
     if value is None:
         raise SpecError(
-            f"{method}: the base takes part as an input, so `{name}` must be set in the "
+            f"{method.name}: the base takes part as an input, so `{name}` must be set in the "
             "method-wide `parameters` (the base has no per-model entry)"
         )
     return value

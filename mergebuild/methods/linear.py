@@ -40,7 +40,7 @@ class Linear(Method):
                 weight = float(ctx.model_param(i, "weight"))
                 x = ctx.model(i)
             else:
-                weight = float(base_param(ctx, self.name, "weight"))
+                weight = float(base_param(ctx, self, "weight"))
                 x = ctx.base()
             weights.append(weight)
             term = x * torch.tensor(weight, dtype=torch.float32)
