@@ -1,0 +1,172 @@
+"""Weighted means on the hypersphere of many tensors: multislerp and karcher (mergekit 0.1.5).
+
+Both hold every input at once: the mean direction must be known before any
+input can be projected against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergebuild.errors import ExecutionError, InputError
+from mergebuild.methods.base import WEIGHT, Method, ParamSpec, Scalar, TensorContext
+from mergebuild.methods.common import require_models
+
+_NONNEGATIVE = (0.0, math.inf, True, False)
+
+
+class MultiSlerp(Method):
+    """Barycentric interpolation of the models on a hypersphere (mergekit `multislerp`).
+
+    Each flattened delta (model - base, or the model itself without a base) is
+    divided by (its norm + eps); the weighted mean of these unit vectors, once
+    normalized, is the pole of a tangent plane; the weighted mean of the tangent
+    projections is mapped back with the exponential map and scaled by the
+    weighted mean of the norms.
+
+    Parameters: `weight` (per model, required), `normalize_weights` (method-wide,
+    true: divide the weights by their sum), `eps` (method-wide, 1e-8).
+
+    Base: optional, the origin of the sphere (not an input). One model is
+    returned as is. When the weighted mean of the unit vectors has norm < eps
+    (antipodal inputs whose weights balance), two models fall back to their
+    weighted sum, and three or more are refused, as in mergekit. Weights that sum
+    to zero with `normalize_weights` are refused before the build (mergekit
+    would divide by zero).
+    """
+
+    name = "multislerp"
+    base_policy = "optional"
+    min_models = 1
+    params = (
+        WEIGHT,
+        ParamSpec("normalize_weights", bool, "method", default=True),
+        ParamSpec("eps", float, "method", default=1e-8, bounds=_NONNEGATIVE),
+    )
+
+    def check_params(self, shared: dict[str, Scalar], per_model: list[dict[str, Scalar]]) -> str | None:
+        weights = [float(values["weight"]) for values in per_model]
+        if len(weights) > 1 and shared.get("normalize_weights", True) and sum(weights) == 0:
+            return "multislerp with normalize_weights needs weights that do not sum to zero"
+        return None
+
+    def merge(self, ctx: TensorContext) -> torch.Tensor:
+        require_models(ctx, self.name, 1)
+        if ctx.num_models == 1:
+            return ctx.model(0)
+        eps = float(ctx.param("eps"))
+        base = ctx.base() if ctx.has_base else None
+        rows = torch.empty((ctx.num_models, math.prod(ctx.shape)), dtype=torch.float32)
+        for i in range(ctx.num_models):
+            x = ctx.model(i)
+            rows[i] = (x if base is None else x - base).reshape(-1)
+        weights = torch.tensor(
+            [float(ctx.model_param(i, "weight")) for i in range(ctx.num_models)],
+            dtype=torch.float32,
+        )
+        if ctx.param("normalize_weights"):
+            weights = weights / weights.sum()
+        column = weights.unsqueeze(-1)
+
+        norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+        units = rows / (norms + eps)
+        pole = (units * column).sum(dim=0)
+        pole_norm = torch.linalg.vector_norm(pole)
+        if pole_norm < eps:
+            if ctx.num_models != 2:
+                raise ExecutionError(
+                    f"multislerp: the weighted mean direction of {ctx.name} is zero "
+                    "(antipodal inputs with balancing weights); change the weights"
+                )
+            out = rows[0] * weights[0] + rows[1] * weights[1]
+        else:
+            pole = pole / pole_norm
+            # Project onto the tangent plane at the pole and average there.
+            along = (units * pole).sum(dim=-1, keepdim=True)
+            tangent = ((units - along * pole) * column).sum(dim=0)
+            length = torch.linalg.vector_norm(tangent) + eps
+            direction = pole * torch.cos(length) + tangent * (torch.sin(length) / length)
+            out = direction * (norms.squeeze(-1) * weights).sum()
+        out = out.reshape(ctx.shape)
+        return out if base is None else out + base
+
+
+class Karcher(Method):
+    """The weighted Karcher (Riemannian) mean of the inputs' directions (mergekit `karcher`).
+
+    Every input weighs 1/n. The mean direction starts at the normalized mean of
+    the unit vectors and moves along the mean of the log maps until the step is
+    below `tol` or `max_iter` steps were taken; the result has the mean of the
+    inputs' norms. Inputs with norm <= `tol` are left out of the direction (but
+    their norm still counts); if all are, the result is zero.
+
+    Parameters: `max_iter` (method-wide, 10), `tol` (method-wide, 1e-5).
+
+    Base: optional. mergekit ignores the base role for karcher but appends a
+    base model that is not among `models` to the inputs, so a listed base is one
+    more input (after the models) with the same 1/n weight. One input is
+    returned as is.
+    """
+
+    name = "karcher"
+    base_policy = "optional"
+    min_models = 1
+    params = (
+        ParamSpec("max_iter", int, "method", default=10, bounds=_NONNEGATIVE),
+        ParamSpec("tol", float, "method", default=1e-5, bounds=_NONNEGATIVE),
+    )
+
+    def merge(self, ctx: TensorContext) -> torch.Tensor:
+        inputs = [ctx.model(i) for i in range(ctx.num_models)]
+        if ctx.has_base:
+            inputs.append(ctx.base())
+        if not inputs:
+            raise InputError(f"karcher: no input holds {ctx.name}")
+        if len(inputs) == 1:
+            return inputs[0]
+        tol = float(ctx.param("tol"))
+        alpha = 1.0 / len(inputs)
+        norms = [torch.linalg.vector_norm(x) for x in inputs]
+        kept = [x / norm for x, norm in zip(inputs, norms, strict=True) if float(norm) > tol]
+        scale = torch.zeros((), dtype=torch.float32)
+        for norm in norms:
+            scale = scale + alpha * norm
+        if not kept:
+            return torch.zeros(ctx.shape, dtype=torch.float32)
+        # Renormalize the 1/n weights over the kept inputs the way mergekit does
+        # (in float64, by summation), so the float32 share rounds the same.
+        share = alpha / sum([alpha] * len(kept))
+        direction = _karcher_direction(kept, share, int(ctx.param("max_iter")), tol)
+        return scale * direction
+
+
+def _karcher_direction(units: list[torch.Tensor], share: float, max_iter: int, tol: float) -> torch.Tensor:
+    """The Karcher mean of unit tensors, each weighing `share`, by Riemannian gradient steps."""
+    mean = torch.zeros_like(units[0])
+    for unit in units:
+        mean += share * unit
+    mean_norm = torch.linalg.vector_norm(mean)
+    # Opposite directions cancel: start from the first one instead.
+    mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        step = torch.zeros_like(mean)
+        for unit in units:
+            cos = torch.dot(mean.reshape(-1), unit.reshape(-1)).clamp(-1.0, 1.0)
+            theta = torch.arccos(cos)
+            if float(theta) < tol:
+                continue
+            # Log map of `unit` at `mean`: the tangent towards it, of length theta.
+            step += share * (theta / torch.sin(theta)) * (unit - cos * mean)
+        step_norm = torch.linalg.vector_norm(step)
+        if float(step_norm) < tol:
+            break
+        mean = torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)
+        length = torch.linalg.vector_norm(mean)
+        if float(length) > tol:
+            mean = mean / length
+    return mean
+
+
+METHODS: tuple[type[Method], ...] = (MultiSlerp, Karcher)
