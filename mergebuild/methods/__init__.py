@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
-from mergebuild.methods import task_arithmetic
+from mergebuild.methods import (
+    linear,
+    model_stock,
+    nearswap,
+    passthrough,
+    sce,
+    slerp,
+    spherical_mean,
+    task_arithmetic,
+)
 from mergebuild.methods.base import Method
 
-_CLASSES: tuple[type[Method], ...] = (*task_arithmetic.METHODS,)
+_CLASSES: tuple[type[Method], ...] = (
+    *task_arithmetic.METHODS,
+    *linear.METHODS,
+    *slerp.METHODS,
+    *spherical_mean.METHODS,
+    *model_stock.METHODS,
+    *sce.METHODS,
+    *nearswap.METHODS,
+    *passthrough.METHODS,
+)
 
 REGISTRY: dict[str, Method] = {cls.name: cls() for cls in _CLASSES}
 
