@@ -1,0 +1,65 @@
+"""The I/O floor of a merge: read every input once, write one output of the merged size.
+
+Usage: ``python bench/io_floor.py --out FILE --size BYTES INPUT...``
+
+No merge tool can do less disk work than this (without skipping input bytes):
+each input file is read once, sequentially, into one reusable buffer, and one
+output file of ``--size`` bytes is written from that buffer and fsync'ed. The
+benchmark scripts run it as a child of ``bench/measure.py`` with the page cache
+of the inputs evicted first (``common.measure_io_floor``), exactly like the
+tools they compare, so its wall time, bytes read and peak RSS are measured the
+same way. It prints what it did as one JSON line and deletes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+BUFFER_BYTES = 16 << 20
+
+
+def read_all(paths: list[str], buf: bytearray) -> int:
+    """Read each file sequentially into ``buf``; return the bytes read."""
+    view = memoryview(buf)
+    total = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
+
+
+def write_size(path: str, size: int, buf: bytearray) -> None:
+    """Write ``size`` bytes from ``buf`` (repeated) to ``path`` and fsync it."""
+    view = memoryview(buf)
+    with open(path, "wb", buffering=0) as f:
+        left = size
+        while left:
+            left -= f.write(view[: min(left, len(view))])
+        os.fsync(f.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output file to write (overwritten)")
+    parser.add_argument("--size", type=int, required=True, help="bytes to write")
+    parser.add_argument("--buffer", type=int, default=BUFFER_BYTES, help="buffer bytes")
+    parser.add_argument("inputs", nargs="+", help="input files, read in this order")
+    args = parser.parse_args(argv)
+    buf = bytearray(args.buffer)
+    start = time.perf_counter()
+    read = read_all(args.inputs, buf)
+    mid = time.perf_counter()
+    write_size(args.out, args.size, buf)
+    end = time.perf_counter()
+    print(json.dumps({"read": read, "written": args.size, "read_s": mid - start, "write_s": end - mid}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
