@@ -1,0 +1,344 @@
+"""The generalized task-arithmetic family against an independent statement of DESIGN.md section 5
+and against mergekit 0.1.5 itself (with its Bernoulli draws replaced by ours for DARE/DELLA)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from mergebuild import rng
+from mergebuild.methods.base import Scalar
+
+from .conftest import NAME, assert_ulps, digest, family, mergekit_merge, run, scale_of
+
+#: (consensus, sparsifier, default normalize, default rescale), from DESIGN.md's table.
+TABLE = {
+    "task_arithmetic": (False, None, False, False),
+    "ties": (True, "magnitude", True, False),
+    "dare_linear": (False, "random", False, True),
+    "dare_ties": (True, "random", False, True),
+    "breadcrumbs": (False, "magnitude_outliers", False, False),
+    "breadcrumbs_ties": (True, "magnitude_outliers", False, False),
+    "della": (True, "della", True, True),
+    "della_linear": (False, "della", False, True),
+}
+DETERMINISTIC = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
+RANDOM = ["dare_linear", "dare_ties", "della", "della_linear"]
+
+
+def uniforms(i: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """The uniforms FakeContext hands to model i."""
+    key = rng.stream_key(seed, digest(i), NAME)
+    return rng.uniform(key, 0, math.prod(shape)).reshape(shape)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the max(1, int(density n)) largest |delta|, lowest flat index first among equals."""
+    flat = delta.abs().reshape(-1).tolist()
+    k = max(1, int(density * len(flat)))
+    order = sorted(range(len(flat)), key=lambda j: (-flat[j], j))
+    mask = torch.zeros(len(flat), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.reshape(delta.shape)
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Drop the int(gamma n) largest and enough of the smallest to keep int(density n)."""
+    flat = delta.abs().reshape(-1).tolist()
+    n = len(flat)
+    target, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - target - top)
+    order = sorted(range(n), key=lambda j: (flat[j], j))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[bottom : bottom + target]] = True
+    return mask.reshape(delta.shape)
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probability by ascending |delta| rank along dimension 1 (a vector is one row)."""
+    mags = delta.abs().double()
+    rows = mags.reshape(1, -1) if mags.dim() < 2 else mags
+    ranks = rows.argsort(dim=1, stable=True).argsort(dim=1).double()
+    length = rows.shape[1]
+    spread = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + spread * 2 * epsilon).reshape(delta.shape)
+
+
+@dataclass
+class Case:
+    """One merge: per-model weights and densities, and method-wide overrides."""
+
+    weights: list[float]
+    densities: list[float]
+    shared: dict[str, Scalar] = field(default_factory=dict)
+    extra: list[dict[str, Scalar]] | None = None
+
+    def per_model(self) -> list[dict[str, Scalar]]:
+        extra = self.extra or [{} for _ in self.weights]
+        return [
+            {"weight": w, "density": d, **x}
+            for w, d, x in zip(self.weights, self.densities, extra, strict=True)
+        ]
+
+
+def reference(method: str, base: torch.Tensor, models: list[torch.Tensor], case: Case) -> torch.Tensor:
+    """DESIGN.md section 5, steps 1 to 6, in float64."""
+    consensus, sparsifier, normalize, rescale = TABLE[method]
+    normalize = bool(case.shared.get("normalize", normalize))
+    rescale = bool(case.shared.get("rescale", rescale))
+    lam = float(case.shared.get("lambda", 1.0))
+    b = base.double()
+    weighted = []
+    for i, (model, values) in enumerate(zip(models, case.per_model(), strict=True)):
+        delta = model.double() - b
+        density = float(values["density"])
+        if sparsifier is not None and density < 1:
+            if sparsifier == "magnitude":
+                mask = magnitude_mask(delta, density)
+            elif sparsifier == "magnitude_outliers":
+                mask = outlier_mask(delta, density, float(values.get("gamma", 0.01)))
+            elif sparsifier == "random":
+                mask = uniforms(i, tuple(base.shape)) < density
+            else:
+                probs = della_probabilities(delta, density, float(values.get("epsilon", 0.15)))
+                mask = uniforms(i, tuple(base.shape)) < probs
+            kept = delta * mask
+            before, after = float(delta.abs().sum()), float(kept.abs().sum())
+            if rescale and before >= 1e-7 and after >= 1e-7:
+                kept = kept * (before / after)
+            delta = kept
+        weighted.append(delta * float(values["weight"]))
+    stacked = torch.stack(weighted)
+    weights = torch.tensor([float(v["weight"]) for v in case.per_model()], dtype=torch.float64)
+    weights = weights.reshape(-1, *([1] * base.dim()))
+    if consensus:
+        elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).double()
+        agree = stacked.sign() == elected
+        mixed = (stacked * agree).sum(dim=0)
+        divisor = (weights * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = stacked.sum(dim=0)
+        total = float(weights.sum())
+        divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0, dtype=torch.float64)
+    if normalize:
+        mixed = mixed / divisor
+    return b + mixed * lam
+
+
+CASES = [
+    Case([1.0, 0.5, 0.8], [0.5, 0.3, 0.7]),
+    Case([1.0, -0.5], [0.2, 0.35], {"normalize": True, "rescale": False, "lambda": 0.6}),
+    Case([0.7], [0.4], {"normalize": False, "rescale": True, "lambda": 1.3}),
+    Case(
+        [0.6, 0.9],
+        [0.6, 0.45],
+        {"lambda": 0.8},
+        [{"gamma": 0.1, "epsilon": 0.1}, {"gamma": 0.0, "epsilon": 0.3}],
+    ),
+]
+
+
+def case_params(method: str, case: Case) -> tuple[dict[str, Scalar], list[dict[str, Scalar]]]:
+    """The case's parameters, keeping only those `method` declares."""
+    from mergebuild.methods import get_method
+
+    known = {p.name for p in get_method(method).params}
+    per_model = [{k: v for k, v in p.items() if k in known} for p in case.per_model()]
+    return dict(case.shared), per_model
+
+
+def mergekit_params(method: str, case: Case) -> dict[str, object]:
+    """The same parameters in mergekit's form (per-input lists in model order)."""
+    shared, per_model = case_params(method, case)
+    params: dict[str, object] = dict(shared)
+    for key in per_model[0]:
+        params[key] = [p[key] for p in per_model]
+    return params
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("method", sorted(TABLE))
+def test_matches_design_formula(shape: tuple[int, ...], method: str, case: int) -> None:
+    base, models = family(shape, len(CASES[case].weights), seed=case)
+    shared, per_model = case_params(method, CASES[case])
+    out = run(method, base, models, shared, per_model)
+    expected = reference(method, base, models, CASES[case])
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_matches_mergekit(shape: tuple[int, ...], method: str, case: int) -> None:
+    base, models = family(shape, len(CASES[case].weights), seed=case)
+    shared, per_model = case_params(method, CASES[case])
+    out = run(method, base, models, shared, per_model)
+    oracle = mergekit_merge(method, [base, *models], mergekit_params(method, CASES[case]), base_index=0)
+    # Random normal deltas have no ties in |delta|, so no element is exempt.
+    assert_ulps(out, oracle, scale_of(base, *models))
+
+
+@pytest.fixture
+def bernoulli_from_our_uniforms(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[torch.Tensor]]:
+    """Make torch.bernoulli draw `uniform < p` from a queue of uniforms (one per call).
+
+    mergekit's DARE and DELLA call torch.bernoulli once per model, in model
+    order; feeding it FakeContext's uniforms turns them into deterministic
+    oracles for the same masks.
+    """
+    queue: list[torch.Tensor] = []
+
+    def fake(probs: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        u = queue.pop(0)
+        return (u.reshape(probs.shape) < probs).to(probs.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", fake)
+    yield queue
+    assert not queue, "mergekit drew fewer masks than expected"
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("method", RANDOM)
+def test_random_methods_match_mergekit_with_the_same_draws(
+    shape: tuple[int, ...], method: str, case: int, bernoulli_from_our_uniforms: list[torch.Tensor]
+) -> None:
+    base, models = family(shape, len(CASES[case].weights), seed=case)
+    shared, per_model = case_params(method, CASES[case])
+    out = run(method, base, models, shared, per_model)
+    bernoulli_from_our_uniforms.extend(
+        uniforms(i, shape) for i, p in enumerate(per_model) if float(p["density"]) < 1
+    )
+    oracle = mergekit_merge(method, [base, *models], mergekit_params(method, CASES[case]), base_index=0)
+    assert_ulps(out, oracle, scale_of(base, *models))
+
+
+def tie_positions(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Elements whose |delta| equals that of a kept and of a dropped element (the threshold)."""
+    mags = delta.abs()
+    kept, dropped = mags[mask], mags[~mask]
+    boundary = [v for v in kept.unique().tolist() if (dropped == v).any()]
+    return torch.isin(mags, torch.tensor(boundary, dtype=mags.dtype))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_magnitude_ties_differ_from_mergekit_only_at_the_threshold(method: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(10, 12, generator=gen) * 0.02
+    # Deltas on a coarse grid: many elements share each magnitude.
+    steps = [torch.randint(-4, 5, (10, 12), generator=gen).float() * 0.001 for _ in range(2)]
+    models = [base + s for s in steps]
+    per_model = [{"weight": 1.0, "density": 0.3}, {"weight": 0.7, "density": 0.55}]
+    if method != "ties":
+        per_model = [{**p, "gamma": 0.05} for p in per_model]
+    out = run(method, base, models, {}, per_model)
+    params = {k: [p[k] for p in per_model] for k in per_model[0]}
+    oracle = mergekit_merge(method, [base, *models], params, base_index=0)
+
+    exempt = torch.zeros(base.shape, dtype=torch.bool)
+    for model, p in zip(models, per_model, strict=True):
+        delta = (model - base).double()
+        if method == "ties":
+            mask = magnitude_mask(delta, p["density"])
+        else:
+            mask = outlier_mask(delta, p["density"], p["gamma"])
+        exempt |= tie_positions(delta, mask)
+    assert exempt.any(), "the grid should produce threshold ties"
+    assert_ulps(out[~exempt], oracle[~exempt], scale_of(base, *models))
+
+
+@pytest.mark.parametrize("method", sorted(TABLE))
+def test_zero_deltas_give_the_base(method: str) -> None:
+    base, _ = family((6, 5), 0)
+    per_model = [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}]
+    out = run(method, base, [base.clone(), base.clone()], {}, per_model)
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("method", sorted(TABLE))
+def test_base_alone_is_the_base(method: str) -> None:
+    base, _ = family((4,), 0)
+    assert torch.equal(run(method, base, []), base)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "breadcrumbs", "dare_linear", "della_linear"])
+def test_linear_members_do_not_normalize_weights_summing_to_zero(method: str) -> None:
+    base, models = family((5, 5), 2)
+    per_model = [{"weight": 1.0}, {"weight": -1.0}]
+    out = run(method, base, models, {"normalize": True}, per_model)
+    # The divisor falls back to 1, so this is the plain difference of the deltas.
+    assert_ulps(out, base + (models[0] - base) - (models[1] - base), scale_of(base, *models))
+
+
+@pytest.mark.parametrize("method", RANDOM)
+def test_random_methods_are_deterministic_and_seeded(method: str) -> None:
+    base, models = family((16, 16), 2)
+    per_model = [{"weight": 1.0, "density": 0.4}, {"weight": 0.5, "density": 0.6}]
+    first = run(method, base, models, {}, per_model)
+    again = run(method, base, models, {}, per_model)
+    assert first.numpy().tobytes() == again.numpy().tobytes()
+    other_seed = run(method, base, models, {}, per_model, seed=1)
+    assert not torch.equal(first, other_seed)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_random_kept_fraction_is_near_density(method: str, density: float) -> None:
+    base, (model,) = family((64, 64), 1)
+    per_model = [{"weight": 1.0, "density": density}]
+    if method == "della_linear":
+        per_model[0]["epsilon"] = min(density, 1 - density) / 2
+    out = run(method, base, [model], {"rescale": False}, per_model)
+    n = base.numel()
+    fraction = float((out != base).sum()) / n
+    assert abs(fraction - density) < 5 * math.sqrt(density * (1 - density) / n)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_dare_ties_at_density_one_is_ties(normalize: bool, rescale: bool) -> None:
+    base, models = family((9, 7), 3)
+    shared = {"normalize": normalize, "rescale": rescale}
+    per_model = [{"weight": w, "density": 1.0} for w in (1.0, 0.4, 0.8)]
+    assert torch.equal(
+        run("dare_ties", base, models, shared, per_model),
+        run("ties", base, models, shared, per_model),
+    )
+    della = run("della", base, models, shared, per_model)
+    assert torch.equal(della, run("ties", base, models, shared, per_model))
+
+
+def test_dare_linear_at_density_one_is_task_arithmetic() -> None:
+    base, models = family((9, 7), 3)
+    per_model = [{"weight": w, "density": 1.0} for w in (1.0, 0.4, 0.8)]
+    for shared in ({}, {"normalize": True, "lambda": 0.5}):
+        assert torch.equal(
+            run("dare_linear", base, models, shared, per_model),
+            run("task_arithmetic", base, models, shared, per_model),
+        )
+        assert torch.equal(
+            run("della_linear", base, models, shared, per_model),
+            run("task_arithmetic", base, models, shared, per_model),
+        )
+
+
+def test_lambda_scales_the_merged_delta() -> None:
+    base, models = family((8, 8), 2)
+    per_model = [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}]
+    plain = run("ties", base, models, {}, per_model)
+    scaled = run("ties", base, models, {"lambda": 2.5}, per_model)
+    assert_ulps(scaled - base, 2.5 * (plain - base), scale_of(base, *models), ulps=16)
+
+
+def test_della_refuses_probabilities_outside_the_unit_interval() -> None:
+    from mergebuild.methods import get_method
+
+    method = get_method("della")
+    shared = {"normalize": True, "rescale": True, "lambda": 1.0, "int8_mask": False}
+    bad = [{"weight": 1.0, "density": 0.1, "epsilon": 0.15}]
+    assert method.check_params(shared, bad) is not None
+    good = [{"weight": 1.0, "density": 0.5, "epsilon": 0.15}]
+    assert method.check_params(shared, good) is None
