@@ -215,17 +215,14 @@ def _source_entries(spec: Spec, target: CompiledTarget, reader: SourceReader) ->
     """Lock entries for the target's sources: files (name, size, digest) and tensor digests."""
     entries: dict[str, dict] = {}
     for source in ((target.base,) if target.base else ()) + target.models:
-        files = []
+        files = {}
         tensors = {}
         for f in source.files:
             digests = [reader.digests(info) for info in f.tensors.values()]
-            files.append(
-                {
-                    "name": f.path.name,
-                    "size": f.size,
-                    "digest": lockfile.file_digest(f.header, [d.content for d in digests]),
-                }
-            )
+            files[f.path.name] = {
+                "size": f.size,
+                "digest": lockfile.file_digest(f.header, [d.content for d in digests]),
+            }
             tensors.update({name: d.root.hex() for name, d in zip(f.tensors, digests, strict=True)})
         entries[_source_key(spec, source.path)] = {"files": files, "tensors": dict(sorted(tensors.items()))}
     return entries
@@ -258,7 +255,9 @@ def _check_locked_target(
             raise LockMismatch(f"--locked: source {key} is not in the lockfile")
         changed = lockfile.diff(locked_source, current)
         if changed:
-            raise LockMismatch(f"--locked: source {key} differs from the lockfile at {changed[0]}")
+            # Name a tensor when one differs: it says more than the file holding it.
+            first = next((c for c in changed if c.startswith("tensors.")), changed[0])
+            raise LockMismatch(f"--locked: source {key} differs from the lockfile at {first}")
     changed = lockfile.diff(locked_target, entry)
     if changed:
         raise ExecutionError(f"--locked: target {name!r} did not reproduce the lockfile at {changed[0]}")

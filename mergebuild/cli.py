@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mergebuild import __version__
@@ -40,11 +41,6 @@ TlaStr = Annotated[list[str], typer.Option("--tla-str", help="Top-level argument
 TlaCode = Annotated[list[str], typer.Option("--tla-code", help="Top-level argument k=code (Jsonnet).")]
 ExtStr = Annotated[list[str], typer.Option("--ext-str", help="External variable k=v (string).")]
 ExtCode = Annotated[list[str], typer.Option("--ext-code", help="External variable k=code (Jsonnet).")]
-
-
-class _Exit(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -163,7 +159,7 @@ def build_command(
     else:
         _render_summary(summary)
     if dry_run:
-        raise _Exit(1)
+        raise typer.Exit(1)
 
 
 @app.command("eval")
@@ -199,7 +195,7 @@ def verify_command(
         else:
             out.print(f"[green]✓[/green] {result.target}: {result.output} matches the lockfile")
     if failed:
-        raise _Exit(1)
+        raise typer.Exit(1)
 
 
 @app.command("init-demo")
@@ -222,23 +218,12 @@ def version_command() -> None:
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
-        app(standalone_mode=False)
-    except _Exit as e:
-        sys.exit(e.code)
+        app()
     except MergebuildError as e:
         if _debug:
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted; nothing was published")
         sys.exit(130)
-    except (typer.Abort, typer.Exit) as e:
-        sys.exit(getattr(e, "exit_code", 1))
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
