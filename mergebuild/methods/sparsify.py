@@ -1,8 +1,11 @@
 """Sparsifiers for task-vector deltas (DESIGN.md section 5, step 2).
 
 Each returns a boolean keep-mask of the delta's shape. Ties at a selection
-threshold are broken by flat index (lowest index ranks first), so the mask is a
-pure function of the values, unlike an unstable sort.
+threshold are broken by flat index, so the mask is a pure function of the
+values, unlike an unstable sort: magnitude keeps the lowest indices among
+elements tied with the k-th largest; breadcrumbs ranks tied elements in
+ascending order by index (at the top boundary the lowest indices are kept, at
+the bottom boundary the lowest indices are dropped).
 """
 
 from __future__ import annotations
@@ -42,10 +45,17 @@ def keep_rank_range(magnitudes: torch.Tensor, lo_rank: int, hi_rank: int) -> tor
 
 
 def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = max(1, int(density * n)) largest |delta|."""
-    n = delta.numel()
+    """Keep the k = max(1, int(density * n)) largest |delta|; of the elements tied
+    with the k-th largest, those with the lowest flat index."""
+    w = delta.abs().reshape(-1)
+    n = w.numel()
     k = max(1, int(density * n))
-    return keep_rank_range(delta.abs(), n - k, n)
+    threshold = torch.kthvalue(w, n - k + 1).values
+    keep = w > threshold
+    room = k - int(keep.sum())
+    tied = w == threshold
+    keep |= tied & (torch.cumsum(tied, dim=0) <= room)
+    return keep.reshape(delta.shape)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

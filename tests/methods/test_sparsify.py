@@ -44,11 +44,6 @@ def test_magnitude_keeps_the_largest(delta: torch.Tensor, density: float) -> Non
         assert mags[mask].min() >= mags[~mask].max()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (lead): sparsify.magnitude keeps the HIGHEST flat indices among threshold "
-    "ties; DESIGN.md section 5 says the lowest",
-)
 @pytest.mark.parametrize(
     ("values", "density", "expected"),
     [
