@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergebuild.errors import SpecError
+from mergebuild.errors import InputError, SpecError
 from mergebuild.methods.base import WEIGHT, Method, ParamSpec, TensorContext
 from mergebuild.methods.common import base_param
 
@@ -43,10 +43,13 @@ class Linear(Method):
                 weight = float(base_param(ctx, self, "weight"))
                 x = ctx.base()
             weights.append(weight)
-            term = x * torch.tensor(weight, dtype=torch.float32)
-            total = term if total is None else total.add_(term)
+            if total is None:
+                total = torch.zeros_like(x)
+            # One fused multiply-add per input, mergekit's accumulation, so the
+            # sums round identically.
+            total.addcmul_(x, torch.tensor(weight, dtype=torch.float32, device=x.device))
         if total is None:
-            return torch.zeros(ctx.shape, dtype=torch.float32)
+            raise InputError(f"linear: no input holds {ctx.name}")
         if ctx.param("normalize"):
             divisor = torch.tensor(weights, dtype=torch.float32).sum()
             if divisor == 0:

@@ -70,7 +70,7 @@ class Sce(Method):
         base = ctx.base()
         if ctx.num_models == 0:
             return base
-        deltas = torch.empty((ctx.num_models, *base.shape), dtype=torch.float32)
+        deltas = torch.empty((ctx.num_models, *base.shape), dtype=torch.float32, device=base.device)
         for i in range(ctx.num_models):
             torch.sub(ctx.model(i), base, out=deltas[i])
         fraction = float(ctx.param("select_topk"))

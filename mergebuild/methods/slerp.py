@@ -13,26 +13,38 @@ from mergebuild.methods.common import require_models, sole_input
 SLERP_DOT_THRESHOLD = 0.9995
 #: slerp treats a norm at or below this as zero (the tensor is left unscaled).
 SLERP_NORM_EPS = 1e-8
+#: slerp accumulates norms and dot products over chunks of this many elements.
+SLERP_CHUNK = 1024 * 1024
 #: nuslerp clamps vector norms to at least this before normalizing.
 NUSLERP_NORM_EPS = 1e-7
 #: nuslerp lerps where 1 - cos^2 is at most this (float32 makes it cos = ±1).
 NUSLERP_COLINEAR_EPS = 1e-8**2
 
 
+def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
+    """Consecutive views of flat `x`, SLERP_CHUNK elements each."""
+    return list(x.split(SLERP_CHUNK))
+
+
 def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The pair (c_a, c_b) with slerp(a, b, t) = c_a a + c_b b, for flat a and b.
 
     They depend only on the angle between a and b, a whole-tensor statistic.
+    Norms and the dot product are accumulated over chunks of SLERP_CHUNK
+    elements and then combined, the order mergekit sums in, so that large
+    tensors round the same way (a one-pass float32 norm of millions of
+    elements differs in its last digits).
     """
     t32 = torch.tensor(t, dtype=torch.float32)
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
+    chunks_a, chunks_b = _chunks(a), _chunks(b)
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in chunks_a]))
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in chunks_b]))
     # A (near) zero tensor is used as is; its cosine with anything is ~0.
-    one = torch.ones((), dtype=torch.float32)
-    norm_a = torch.where(norm_a > SLERP_NORM_EPS, norm_a, one)
-    norm_b = torch.where(norm_b > SLERP_NORM_EPS, norm_b, one)
+    norm_a = torch.where(norm_a > SLERP_NORM_EPS, norm_a, torch.ones_like(norm_a))
+    norm_b = torch.where(norm_b > SLERP_NORM_EPS, norm_b, torch.ones_like(norm_b))
     # Normalize before multiplying so the dot product cannot overflow.
-    cos = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    parts = [((x / norm_a) * (y / norm_b)).sum() for x, y in zip(chunks_a, chunks_b, strict=True)]
+    cos = torch.stack(parts).sum().clamp(-1, 1)
     if cos.abs() > SLERP_DOT_THRESHOLD:
         return 1 - t32, t32
     theta = torch.acos(cos)

@@ -58,13 +58,18 @@ class MultiSlerp(Method):
             return ctx.model(0)
         eps = float(ctx.param("eps"))
         base = ctx.base() if ctx.has_base else None
-        rows = torch.empty((ctx.num_models, math.prod(ctx.shape)), dtype=torch.float32)
+        rows: torch.Tensor | None = None
         for i in range(ctx.num_models):
             x = ctx.model(i)
+            if rows is None:
+                size = (ctx.num_models, math.prod(ctx.shape))
+                rows = torch.empty(size, dtype=torch.float32, device=x.device)
             rows[i] = (x if base is None else x - base).reshape(-1)
+        assert rows is not None
         weights = torch.tensor(
             [float(ctx.model_param(i, "weight")) for i in range(ctx.num_models)],
             dtype=torch.float32,
+            device=rows.device,
         )
         if ctx.param("normalize_weights"):
             weights = weights / weights.sum()
@@ -130,11 +135,11 @@ class Karcher(Method):
         alpha = 1.0 / len(inputs)
         norms = [torch.linalg.vector_norm(x) for x in inputs]
         kept = [x / norm for x, norm in zip(inputs, norms, strict=True) if float(norm) > tol]
-        scale = torch.zeros((), dtype=torch.float32)
+        scale = torch.zeros_like(norms[0])
         for norm in norms:
             scale = scale + alpha * norm
         if not kept:
-            return torch.zeros(ctx.shape, dtype=torch.float32)
+            return torch.zeros_like(inputs[0])
         # Renormalize the 1/n weights over the kept inputs the way mergekit does
         # (in float64, by summation), so the float32 share rounds the same.
         share = alpha / sum([alpha] * len(kept))

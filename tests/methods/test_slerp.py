@@ -139,3 +139,12 @@ def test_nuslerp_zero_deltas_give_the_base() -> None:
     (base,) = independent((5, 4), 1)
     out = run("nuslerp", base, [base.clone(), base.clone()], {}, [{"weight": 1.0}] * 2)
     assert torch.equal(out, base)
+
+
+def test_slerp_on_a_large_tensor_rounds_like_mergekit() -> None:
+    # Over 2**20 elements mergekit accumulates norms and dots chunk by chunk;
+    # a one-pass float32 norm would differ by several ulps here.
+    base, (model,) = family((1100, 1000), 1)
+    out = run("slerp", base, [model], {"t": 0.4})
+    oracle = mergekit_merge("slerp", [base, model], {"t": 0.4}, base_index=0)
+    assert_ulps(out, oracle, scale_of(base, model), ulps=1)
