@@ -60,6 +60,18 @@ def test_magnitude_ties_keep_the_lowest_flat_index(
 
 @FAST
 @given(delta=coarse, density=densities)
+def test_magnitude_ties_keep_the_lowest_flat_index_property(delta: torch.Tensor, density: float) -> None:
+    mask = sparsify.magnitude(delta, density)
+    flat = delta.abs().tolist()
+    k = max(1, int(density * len(flat)))
+    order = sorted(range(len(flat)), key=lambda j: (-flat[j], j))
+    expected = torch.zeros(len(flat), dtype=torch.bool)
+    expected[order[:k]] = True
+    assert mask.tolist() == expected.tolist()
+
+
+@FAST
+@given(delta=coarse, density=densities)
 def test_magnitude_mask_depends_only_on_magnitudes_and_positions(delta: torch.Tensor, density: float) -> None:
     # Same magnitudes, other signs: same mask (no unstable sort involved).
     flipped = delta * torch.where(torch.arange(delta.numel()) % 2 == 0, 1.0, -1.0)
