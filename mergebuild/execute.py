@@ -128,10 +128,17 @@ class _Context:
 
     def base(self) -> torch.Tensor:
         assert self._node.base is not None, "method asked for a base the spec does not have"
-        return self._reader.read(self._node.base)[0].to(torch.float32)
+        return self._float(self._node.base)
 
     def model(self, i: int) -> torch.Tensor:
-        return self._reader.read(self._node.models[i][1])[0].to(torch.float32)
+        return self._float(self._node.models[i][1])
+
+    def _float(self, info: TensorInfo) -> torch.Tensor:
+        tensor = self._reader.read(info)[0].to(torch.float32)
+        # A NaN or Inf would spread through every method silently: refuse it.
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values")
+        return tensor
 
     def param(self, name: str) -> Scalar:
         return self._shared[name]

@@ -4,8 +4,9 @@ The output holds the tensors of the base (of the first model when there is no
 base). For each, the compiled node lists the source tensors it reads, the
 parameters resolved for that tensor, and whether it is merged or copied:
 non-floating tensors (integer buffers such as position_ids) are copied from the
-base unchanged; a model that lacks a tensor takes no part in it; a tensor held
-by fewer models than the method needs is copied from the base. A node's cache
+base unchanged; a model that lacks a tensor is an error, unless the spec sets
+`allow_missing`, in which case it takes no part in that tensor, and a tensor
+held by fewer models than the method needs is copied from the base. A node's cache
 key is derived from these and from its inputs' digests (`node_key`).
 """
 
@@ -113,6 +114,11 @@ def _compile_tensor(
     for i, model in enumerate(models):
         info = model.tensors.get(name)
         if info is None:
+            if not target.allow_missing:
+                raise InputError(
+                    f"tensor {name!r} is missing from {target.models[i].path} "
+                    f"(present in {reference.path}); set allow_missing: true to merge it without that model"
+                )
             continue
         if info.shape != ref.shape:
             raise InputError(

@@ -115,6 +115,8 @@ class MergeSpec(_Frozen):
     block_size: ByteSize = 16 * 2**20
     shard_size: ByteSize = 5 * 10**9
     tokenizer: str | None = None
+    #: Let a model that lacks a tensor sit that tensor out instead of failing.
+    allow_missing: StrictBool = False
     output: str
 
     @field_validator("method")

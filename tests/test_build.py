@@ -189,6 +189,10 @@ def test_single_file_sources_and_missing_tensors(tmp_path: Path, llama: Family) 
             "output": "out",
         },
     )
+    with pytest.raises(InputError, match=f"tensor '{name}' is missing from m1.safetensors"):
+        build(spec, options(tmp_path))
+    spec_dict = json.loads(spec.read_text())
+    write_spec(spec, {**spec_dict, "allow_missing": True})
     build(spec, options(tmp_path))
     merged = load_dir(tmp_path / "out")
     # The expert lacking the tensor takes no part in it.
@@ -244,3 +248,23 @@ def test_random_methods_do_not_depend_on_block_size(tmp_path: Path, llama: Famil
         outputs.append(load_dir(tmp_path / f"out-{block_size}"))
     assert outputs[0].keys() == outputs[1].keys()
     assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+
+
+def test_nan_in_an_input_is_refused(tmp_path: Path, llama: Family) -> None:
+    base, expert = load_dir(llama.base), load_dir(llama.experts[0])
+    name = "model.layers.1.mlp.up_proj.weight"
+    expert[name][0, 0] = float("nan")
+    save_file(base, tmp_path / "b.safetensors")
+    save_file(expert, tmp_path / "e.safetensors")
+    spec = write_spec(
+        tmp_path / "s.json",
+        {
+            "method": "task_arithmetic",
+            "base": "b.safetensors",
+            "models": [{"path": "e.safetensors", "parameters": {"weight": 1}}],
+            "output": "out",
+        },
+    )
+    with pytest.raises(InputError, match=f"tensor '{name}' holds NaN or Inf"):
+        build(spec, options(tmp_path))
+    assert not (tmp_path / "out").exists()
