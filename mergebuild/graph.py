@@ -139,42 +139,37 @@ def _compile_tensor(
             )
         return TensorNode(name, ref.shape, out_dtype, "copy", base_info, (), (), (), "missing from models")
     t = param_resolver.layer_position(name, num_layers)
-    shared = _resolve_shared(target, method, name, t)
-    per_model = tuple(_resolve_model(target, method, i, name, t) for i, _ in taking_part)
+    shared = _resolve(method, "method", (target.parameters,), "parameters", name, t)
+    per_model = tuple(
+        _resolve(
+            method,
+            "model",
+            (target.models[i].parameters, target.parameters),
+            f"models.{i}.parameters",
+            name,
+            t,
+        )
+        for i, _ in taking_part
+    )
     problem = method.check_params(dict(shared), [dict(p) for p in per_model])
     if problem:
         raise SpecError(f"tensor {name!r}: {problem}")
     return TensorNode(name, ref.shape, out_dtype, "merge", base_info, tuple(taking_part), shared, per_model)
 
 
-def _resolve_shared(target: MergeSpec, method: Method, name: str, t: float) -> tuple[tuple[str, Scalar], ...]:
-    values: list[tuple[str, Scalar]] = []
-    for p in method.params:
-        if p.scope != "method":
-            continue
-        value = _lookup(target.parameters, p.name, name, t)
-        if value is None:
-            value = p.default
-        if value is None:
-            raise SpecError(f"parameters.{p.name}: no value applies to tensor {name!r}")
-        values.append((p.name, p.kind(value)))
-    return tuple(values)
-
-
-def _resolve_model(
-    target: MergeSpec, method: Method, index: int, name: str, t: float
+def _resolve(
+    method: Method, scope: str, sources: tuple[dict, ...], where: str, name: str, t: float
 ) -> tuple[tuple[str, Scalar], ...]:
+    """Values of the method's `scope` parameters for tensor `name`: the first of
+    `sources` (in precedence order) that sets one, else the default."""
     values: list[tuple[str, Scalar]] = []
     for p in method.params:
-        if p.scope != "model":
+        if p.scope != scope:
             continue
-        value = _lookup(target.models[index].parameters, p.name, name, t)
+        found = (_lookup(parameters, p.name, name, t) for parameters in sources)
+        value = next((v for v in found if v is not None), p.default)
         if value is None:
-            value = _lookup(target.parameters, p.name, name, t)
-        if value is None:
-            value = p.default
-        if value is None:
-            raise SpecError(f"models.{index}.parameters.{p.name}: no value applies to tensor {name!r}")
+            raise SpecError(f"{where}.{p.name}: no value applies to tensor {name!r}")
         values.append((p.name, p.kind(value)))
     return tuple(values)
 
