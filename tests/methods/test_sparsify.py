@@ -23,8 +23,9 @@ fine = st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=1, max_s
 deltas = st.one_of(coarse, fine)
 densities = st.floats(0.001, 1.0, exclude_min=False)
 
-#: No example database: the tests leave no files behind.
-FAST = settings(max_examples=150, deadline=None, database=None)
+#: Derandomized (the same examples every run, so CI cannot flake) and without an
+#: example database (the tests leave no files behind).
+FAST = settings(max_examples=150, deadline=None, database=None, derandomize=True)
 
 
 @FAST
@@ -120,7 +121,7 @@ def test_keep_rank_range_breaks_ties_by_flat_index(values: list[int], lo: int) -
     assert mask.tolist() == expected
 
 
-@settings(max_examples=10, deadline=None, database=None)
+@settings(max_examples=10, deadline=None, database=None, derandomize=True)
 @given(density=st.floats(0.02, 0.98), key=st.integers(0, 2**64 - 1))
 def test_random_kept_fraction_is_close_to_density(density: float, key: int) -> None:
     n = 200_000
@@ -171,15 +172,18 @@ def test_della_keep_probability_is_monotone_in_rank(
             assert row_mask[row_mags > smallest_kept].all()
         length = row_mags.numel()
         ranks = row_mags.argsort(stable=True).argsort()
-        spread = ranks.double() / (length - 1) if length > 1 else torch.full((1,), 0.5)
+        spread = ranks.double() / (length - 1) if length > 1 else torch.full((1,), 0.5, dtype=torch.float64)
         probs = (density - epsilon) + spread * 2 * epsilon
-        assert row_mask.tolist() == (u < probs).tolist()
+        # The probabilities may round differently in the last bit; only a u on
+        # that boundary may then land on the other side.
+        differ = row_mask != (u < probs)
+        assert ((probs[differ] - u).abs() < 1e-12).all()
 
 
-@settings(max_examples=5, deadline=None, database=None)
+@settings(max_examples=5, deadline=None, database=None, derandomize=True)
 @given(density=st.floats(0.3, 0.7), epsilon=st.floats(0.05, 0.25), key=st.integers(0, 2**32))
 def test_della_keeps_large_magnitudes_more_often(density: float, epsilon: float, key: int) -> None:
-    rows, length = 400, 50
+    rows, length = 2000, 50
     delta = torch.randn(rows, length, generator=torch.Generator().manual_seed(key))
     mask = sparsify.della(delta, rng.uniform(key, 0, rows * length).reshape(rows, length), density, epsilon)
     ranks = delta.abs().argsort(dim=1).argsort(dim=1)
@@ -187,4 +191,4 @@ def test_della_keeps_large_magnitudes_more_often(density: float, epsilon: float,
     high = float(mask[ranks >= length - 10].double().mean())
     # Expected rates about density -+ 0.82 epsilon; their gap dwarfs the noise.
     assert high - low > epsilon
-    assert abs(float(mask.double().mean()) - density) < 0.02
+    assert abs(float(mask.double().mean()) - density) < 0.01
