@@ -1,0 +1,170 @@
+"""Conformance cases: one merge described once, rendered as a mergekit config and a mergebuild spec.
+
+Parameter names and value forms (scalars, gradients, filter rules) are the same
+in both tools, so a case holds them verbatim. The tie exclusion is computed here
+from the inputs with mergekit's parameter semantics, written independently of
+mergebuild's resolver (a test must not trust the code it checks):
+
+- a gradient [v0, ..., vm] read at t: linear interpolation at t * m;
+- t = i / (n - 1) for a tensor of layer i of n (n = 1: t = 1); every tensor
+  outside the layers (embeddings, final norm, lm_head, pooler) gets t = 0;
+- filter rules: the first rule whose filter is a substring of the tensor name
+  (or has no filter, or '*') wins; if none matches, the next scope is tried;
+- scopes in order: the model's own parameters, then the method-wide ones, then
+  the method's default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.conformance.ulp import ambiguous_rank_range, ambiguous_topk
+from tests.families import Family
+
+#: Family name -> (layer-name pattern, number of layers). Kept in step with conftest.py.
+LAYER_PATTERNS = {
+    "llama": re.compile(r"^model\.layers\.(\d+)\."),
+    "llama32": re.compile(r"^model\.layers\.(\d+)\."),
+    "bert": re.compile(r"^encoder\.layer\.(\d+)\."),
+}
+
+#: Method -> how it sparsifies by rank (decides which elements ties may flip).
+_RANK_SPARSIFIER = {
+    "ties": "magnitude",
+    "breadcrumbs": "magnitude_outliers",
+    "breadcrumbs_ties": "magnitude_outliers",
+}
+
+#: mergekit's defaults for the parameters the tie exclusion reads.
+_DEFAULTS = {"density": 1.0, "gamma": 0.01, "select_topk": 1.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One merge compared between mergekit and mergebuild."""
+
+    id: str
+    family: str
+    method: str
+    #: (expert index, that model's parameters), in input order.
+    models: tuple[tuple[int, dict[str, Any]], ...]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base: bool = True
+    out_dtype: str = "bfloat16"
+    #: The method mergekit runs, when it differs (a deterministic twin of a random method).
+    oracle_method: str | None = None
+    #: Upper bound on the fraction of elements a tie at a top-k threshold may flip.
+    max_ambiguous: float = 0.001
+    #: The inputs are built to tie at a threshold (the case checks the exclusion is used).
+    expect_ties: bool = False
+    #: A diagnosed mergebuild bug this case still hits (the case runs as a strict xfail,
+    #: so the fix shows up as an XPASS failure and the note can go).
+    known_failure: str | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.out_dtype)
+
+    def mergekit_models(self, family: Family) -> list[tuple[Path, dict[str, Any]]]:
+        return [(family.experts[i], params) for i, params in self.models]
+
+    def spec(self, family: Family, output: Path) -> dict[str, Any]:
+        """The equivalent mergebuild merge (DESIGN.md section 2) as plain JSON."""
+        spec: dict[str, Any] = {
+            "method": self.method,
+            "models": [
+                {"path": str(family.experts[i]), **({"parameters": p} if p else {})} for i, p in self.models
+            ],
+            "dtype": self.out_dtype,
+            "seed": 0,
+            "output": str(output),
+        }
+        if self.base:
+            spec["base"] = str(family.base)
+        if self.parameters:
+            spec["parameters"] = self.parameters
+        return spec
+
+
+def evaluate(setting: Any, name: str, t: float) -> Any:
+    """A setting's value for tensor `name` at layer position t; None if no filter matches."""
+    if isinstance(setting, list) and setting and isinstance(setting[0], dict):
+        for rule in setting:
+            flt = rule.get("filter")
+            if flt is None or flt == "*" or flt in name:
+                return evaluate(rule["value"], name, t)
+        return None
+    if isinstance(setting, list):
+        if any(isinstance(v, bool) for v in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    return setting
+
+
+def layer_t(family: str, name: str, num_layers: int) -> float:
+    """mergekit's layer position of a tensor (0 outside the layers)."""
+    m = LAYER_PATTERNS[family].match(name)
+    if m is None:
+        return 0.0
+    return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def resolve(case: Case, model: int | None, key: str, name: str, t: float) -> Any:
+    """Parameter `key` for tensor `name`: the model's own setting, then method-wide, then default."""
+    scopes = [case.models[model][1]] if model is not None else []
+    scopes.append(case.parameters)
+    for scope in scopes:
+        if key in scope:
+            value = evaluate(scope[key], name, t)
+            if value is not None:
+                return value
+    return _DEFAULTS[key]
+
+
+def ambiguous_elements(
+    case: Case,
+    name: str,
+    base: torch.Tensor,
+    experts: list[torch.Tensor],
+    num_layers: int,
+) -> torch.Tensor:
+    """Elements of tensor `name` whose result may depend on tie order at a top-k threshold.
+
+    `experts` are the case's input tensors in case order. Computed in float32 from the
+    inputs, as both tools compute deltas.
+    """
+    mask = torch.zeros(base.shape, dtype=torch.bool)
+    if not base.is_floating_point():
+        return mask
+    t = layer_t(case.family, name, num_layers)
+    deltas = [e.float() - base.float() for e in experts]
+    kind = _RANK_SPARSIFIER.get(case.oracle_method or case.method)
+    n = base.numel()
+    for i, delta in enumerate(deltas):
+        density = float(resolve(case, i, "density", name, t))
+        if kind is None or density >= 1:
+            continue
+        if kind == "magnitude":
+            mask |= ambiguous_topk(delta.abs(), max(1, int(density * n)))
+        else:
+            gamma = float(resolve(case, i, "gamma", name, t))
+            target = int(density * n)
+            bottom = max(0, n - target - int(gamma * n))
+            mask |= ambiguous_rank_range(delta.abs(), bottom, bottom + target)
+    if case.method == "sce":
+        topk = float(resolve(case, None, "select_topk", name, t))
+        if 0 < topk < 1:
+            var = torch.var(torch.stack(deltas), dim=0, unbiased=False)
+            k = int(int(torch.count_nonzero(var)) * topk)
+            if k > 0:
+                mask |= ambiguous_topk(var.abs(), k)
+    return mask
