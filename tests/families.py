@@ -204,9 +204,7 @@ def make_llama_family(
     )
     torch.manual_seed(seed)  # only for transformers' init; every weight is overwritten
     model = LlamaForCausalLM(config)
-    return _make_family(
-        model, root, num_experts, seed, dtype, max_shard_size, unchanged, vocab_size
-    )
+    return _make_family(model, root, num_experts, seed, dtype, max_shard_size, unchanged, vocab_size)
 
 
 def make_bert_family(
@@ -246,9 +244,7 @@ def make_bert_family(
         extra = {
             "embeddings.position_ids": torch.arange(positions, dtype=torch.int64)[None],
         }
-    return _make_family(
-        model, root, num_experts, seed, dtype, max_shard_size, unchanged, vocab_size, extra
-    )
+    return _make_family(model, root, num_experts, seed, dtype, max_shard_size, unchanged, vocab_size, extra)
 
 
 def read_index(model_dir: Path) -> dict[str, str] | None:

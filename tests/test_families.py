@@ -102,9 +102,7 @@ def test_deterministic(tmp_path: Path) -> None:
     a = make_bert_family(tmp_path / "a", 2, seed=3)
     b = make_bert_family(tmp_path / "b", 2, seed=3)
     c = make_bert_family(tmp_path / "c", 2, seed=4)
-    for x, y, z in zip(
-        (a.base, *a.experts), (b.base, *b.experts), (c.base, *c.experts), strict=True
-    ):
+    for x, y, z in zip((a.base, *a.experts), (b.base, *b.experts), (c.base, *c.experts), strict=True):
         assert (x / "model.safetensors").read_bytes() == (y / "model.safetensors").read_bytes()
         assert (x / "model.safetensors").read_bytes() != (z / "model.safetensors").read_bytes()
 
