@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from mergebuild.errors import ExecutionError, InputError
+from mergebuild.errors import InputError
 from mergebuild.methods.base import WEIGHT, Method, ParamSpec, Scalar, TensorContext
 from mergebuild.methods.common import require_models
 
@@ -31,10 +31,13 @@ class MultiSlerp(Method):
 
     Base: optional, the origin of the sphere (not an input). One model is
     returned as is. When the weighted mean of the unit vectors has norm < eps
-    (antipodal inputs whose weights balance), two models fall back to their
-    weighted sum, and three or more are refused, as in mergekit. Weights that sum
-    to zero with `normalize_weights` are refused before the build (mergekit
-    would divide by zero).
+    there is no direction to interpolate around; mergekit then returns the
+    weighted sum (of the deltas, plus the base) for two models but raises for
+    three or more. mergebuild takes the weighted sum for any count: the common
+    case is a tensor no expert changed (all deltas zero, e.g. shared
+    embeddings), which must come out as the base rather than stop the build.
+    Weights that sum to zero with `normalize_weights` are refused before the
+    build (mergekit would divide by zero).
     """
 
     name = "multislerp"
@@ -80,12 +83,10 @@ class MultiSlerp(Method):
         pole = (units * column).sum(dim=0)
         pole_norm = torch.linalg.vector_norm(pole)
         if pole_norm < eps:
-            if ctx.num_models != 2:
-                raise ExecutionError(
-                    f"multislerp: the weighted mean direction of {ctx.name} is zero "
-                    "(antipodal inputs with balancing weights); change the weights"
-                )
-            out = rows[0] * weights[0] + rows[1] * weights[1]
+            # No mean direction: fall back to the weighted sum of the deltas.
+            out = rows[0] * weights[0]
+            for i in range(1, ctx.num_models):
+                out = out + rows[i] * weights[i]
         else:
             pole = pole / pole_norm
             # Project onto the tangent plane at the pole and average there.

@@ -7,8 +7,6 @@ import math
 import pytest
 import torch
 
-from mergebuild.errors import ExecutionError
-
 from .conftest import assert_ulps, family, independent, mergekit_merge, run, scale_of
 
 
@@ -79,11 +77,20 @@ def test_multislerp_two_antipodal_deltas_fall_back_to_the_weighted_sum() -> None
     assert_ulps(out, oracle, scale_of(base, model))
 
 
-def test_multislerp_three_balanced_directions_are_refused() -> None:
+def test_multislerp_without_a_mean_direction_takes_the_weighted_sum() -> None:
+    # mergekit raises here (three inputs); mergebuild falls back as for two.
     a, b = independent((5,), 2)
     per_model = [{"weight": 1.0}, {"weight": 1.0}, {"weight": 0.0}]
-    with pytest.raises(ExecutionError, match="direction"):
-        run("multislerp", None, [a, -a, b], {}, per_model)
+    out = run("multislerp", None, [a, -a, b], {}, per_model)
+    assert_ulps(out, torch.zeros(5), scale_of(a))
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_multislerp_of_unchanged_tensors_is_the_base(count: int) -> None:
+    base, _ = family((6, 3), 0)
+    models = [base.clone() for _ in range(count)]
+    out = run("multislerp", base, models, {}, [{"weight": 1.0}] * count)
+    assert torch.equal(out, base)
 
 
 def test_multislerp_refuses_weights_summing_to_zero() -> None:
