@@ -629,7 +629,11 @@ def machine_line() -> str:
     except (OSError, ValueError, IndexError):
         pass
     u = os.uname()
-    return f"{os.cpu_count()} cores, {fmt_bytes(mem)} RAM, {u.sysname} {u.release}"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} cores, {fmt_bytes(mem)} RAM, {u.sysname} {u.release}, "
+        f"load average {load} (other work on the machine skews wall times)"
+    )
 
 
 def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
@@ -649,6 +653,12 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
         metavar="ARG",
         help="extra argument for `mergebuild build` (repeatable), e.g. --jobs=2",
     )
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of an error message."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def save_results(path: Path, obj: Any) -> None:

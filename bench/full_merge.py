@@ -36,6 +36,7 @@ from common import (
     fmt_bytes,
     fmt_ratio,
     fmt_s,
+    last_line,
     machine_line,
     markdown_table,
     measure_io_floor,
@@ -200,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"machine: {machine_line()}\n")
     print(markdown_table(HEADERS, rows))
+    failures = [
+        f"- {m} / {tool}: {last_line(e)}" for m, d in all_data.items() for tool, e in d["errors"].items()
+    ]
+    if failures:
+        print("\nfailures:\n" + "\n".join(failures))
     save_results(
         args.work_dir / "results.json",
         {

@@ -34,6 +34,9 @@ import time
 
 def main(argv: list[str]) -> int:
     """Run ``argv[2:]`` (after ``--``), write the measurement to ``argv[0]``."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if len(argv) < 3 or argv[1] != "--":
         print(__doc__, file=sys.stderr)
         return 2
