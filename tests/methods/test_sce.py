@@ -91,3 +91,26 @@ def test_single_model_is_the_model() -> None:
 def test_a_tensor_held_by_the_base_alone_is_the_base() -> None:
     base, _ = family((4,), 0)
     assert torch.equal(run("sce", base, []), base)
+
+
+def test_with_variance_ties_only_the_selection_rule_differs_from_mergekit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # bf16-like deltas on a coarse grid: many variances tie at the threshold.
+    # (With these seeds our lowest-index rule and torch.topk pick differently.)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 16, generator=gen) * 0.02
+    models = [base + torch.randint(-3, 4, (8, 16), generator=gen) * 2.0**-9 for _ in range(3)]
+    oracle = mergekit_merge("sce", [base, *models], {"select_topk": 0.5}, base_index=0)
+
+    def topk_selection(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
+        # mergekit's selection: whatever torch.topk returns among ties.
+        variance = torch.var(deltas, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * fraction)
+        mask = torch.zeros(variance.numel(), dtype=torch.bool)
+        mask[torch.topk(variance.reshape(-1), k).indices] = True
+        return mask.reshape(variance.shape)
+
+    monkeypatch.setattr("mergebuild.methods.sce.select_mask", topk_selection)
+    out = run("sce", base, models, {"select_topk": 0.5})
+    assert_ulps(out, oracle, scale_of(base, *models))
