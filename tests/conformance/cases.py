@@ -30,6 +30,7 @@ from tests.families import Family
 LAYER_PATTERNS = {
     "llama": re.compile(r"^model\.layers\.(\d+)\."),
     "llama32": re.compile(r"^model\.layers\.(\d+)\."),
+    "unchanged": re.compile(r"^model\.layers\.(\d+)\."),
     "bert": re.compile(r"^encoder\.layer\.(\d+)\."),
 }
 
@@ -154,12 +155,15 @@ def ambiguous_elements(
         if kind is None or density >= 1:
             continue
         if kind == "magnitude":
-            mask |= ambiguous_topk(delta.abs(), max(1, int(density * n)))
+            tie = ambiguous_topk(delta.abs(), max(1, int(density * n)))
         else:
             gamma = float(resolve(case, i, "gamma", name, t))
             target = int(density * n)
             bottom = max(0, n - target - int(gamma * n))
-            mask |= ambiguous_rank_range(delta.abs(), bottom, bottom + target)
+            tie = ambiguous_rank_range(delta.abs(), bottom, bottom + target)
+        # Keeping or dropping a zero delta changes nothing: it adds nothing, has no sign
+        # for the consensus and no L1 mass for rescale. Only nonzero ties matter.
+        mask |= tie & (delta != 0)
     if case.method == "sce":
         topk = float(resolve(case, None, "select_topk", name, t))
         if 0 < topk < 1:

@@ -44,7 +44,7 @@ CASES: tuple[Case, ...] = (
         "llama32",
         "task_arithmetic",
         ((0, {"weight": [0.2, 0.8, 0.5]}), (1, {}), (2, {"weight": 0.25})),
-        {"weight": [1.0, 0.0]},
+        {"weight": [1.0, 0.0], "lambda": [0.5, 1.5]},
         out_dtype="float32",
     ),
     Case(
@@ -72,9 +72,10 @@ CASES: tuple[Case, ...] = (
         "llama32",
         "ties",
         _w(0.5, 0.5, 0.5),
-        {"density": [0.1, 0.9]},
+        {"density": [0.1, 0.9], "int8_mask": True},
         out_dtype="float32",
     ),
+    Case("ties-rescale", "llama32", "ties", _w(1.0, 0.7, 0.4, density=0.3), {"rescale": True}),
     Case(
         "ties-filter-bert",
         "bert",
@@ -89,7 +90,7 @@ CASES: tuple[Case, ...] = (
         "llama",
         "ties",
         _w(1.0, 0.8, 0.6, density=0.3),
-        max_ambiguous=0.03,
+        max_ambiguous=0.04,
         expect_ties=True,
     ),
     # --- breadcrumbs ---
@@ -108,7 +109,7 @@ CASES: tuple[Case, ...] = (
         "llama",
         "breadcrumbs",
         _w(1.0, 0.5, density=0.5, gamma=0.02),
-        max_ambiguous=0.03,
+        max_ambiguous=0.04,
         expect_ties=True,
     ),
     # --- breadcrumbs_ties ---
@@ -241,6 +242,27 @@ CASES: tuple[Case, ...] = (
         out_dtype="float32",
         oracle_method="task_arithmetic",
     ),
+    # --- zero deltas: every expert equals the base on some tensors ---
+    Case(
+        "zero-ta", "unchanged", "task_arithmetic", _w(1.0, 0.5, 0.5), {"normalize": True}, out_dtype="float32"
+    ),
+    Case("zero-ties", "unchanged", "ties", _w(1.0, 0.5, 0.5, density=0.4), out_dtype="float32"),
+    Case(
+        "zero-breadcrumbs-ties",
+        "unchanged",
+        "breadcrumbs_ties",
+        _w(1.0, 1.0, density=0.5, gamma=0.05),
+        {"rescale": True},
+        out_dtype="float32",
+    ),
+    Case("zero-model-stock", "unchanged", "model_stock", ((0, {}), (1, {}), (2, {})), out_dtype="float32"),
+    Case(
+        "zero-sce", "unchanged", "sce", ((0, {}), (1, {}), (2, {})), {"select_topk": 0.5}, out_dtype="float32"
+    ),
+    Case("zero-slerp", "unchanged", "slerp", ((2, {}),), {"t": 0.3}, out_dtype="float32"),
+    Case("zero-nuslerp", "unchanged", "nuslerp", _w(0.5, 0.5), out_dtype="float32"),
+    Case("zero-multislerp", "unchanged", "multislerp", _w(1.0, 2.0), out_dtype="float32"),
+    Case("zero-nearswap", "unchanged", "nearswap", ((1, {}),), {"t": 0.01}, out_dtype="float32"),
     # --- passthrough ---
     Case("passthrough-llama", "llama", "passthrough", ((1, {}),), base=False),
     Case(
