@@ -56,6 +56,11 @@ class Sce(Method):
 
     Base: required, the origin of the deltas; at least one model (a tensor held
     by the base alone is the base, as in mergekit).
+
+    Variances tied at the top-k threshold keep the lowest flat index (mergekit
+    keeps whatever torch.topk returns). Because the model weights are computed
+    from the selected deltas, such a tie can move every element of the tensor
+    slightly, not only the tied ones; bf16 checkpoints make these ties common.
     """
 
     name = "sce"
