@@ -125,22 +125,28 @@ class Karcher(Method):
     )
 
     def merge(self, ctx: TensorContext) -> torch.Tensor:
-        inputs = [ctx.model(i) for i in range(ctx.num_models)]
-        if ctx.has_base:
-            inputs.append(ctx.base())
-        if not inputs:
+        count = ctx.num_models + int(ctx.has_base)
+        if count == 0:
             raise InputError(f"karcher: no input holds {ctx.name}")
-        if len(inputs) == 1:
-            return inputs[0]
+        if count == 1:
+            return ctx.model(0) if ctx.num_models else ctx.base()
         tol = float(ctx.param("tol"))
-        alpha = 1.0 / len(inputs)
-        norms = [torch.linalg.vector_norm(x) for x in inputs]
-        kept = [x / norm for x, norm in zip(inputs, norms, strict=True) if float(norm) > tol]
+        alpha = 1.0 / count
+        # Keep only the unit directions (and norms), one input read at a time.
+        norms: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
+        for i in range(count):
+            x = ctx.model(i) if i < ctx.num_models else ctx.base()
+            norm = torch.linalg.vector_norm(x)
+            norms.append(norm)
+            if float(norm) > tol:
+                kept.append(x / norm)
+            del x
         scale = torch.zeros_like(norms[0])
         for norm in norms:
             scale = scale + alpha * norm
         if not kept:
-            return torch.zeros_like(inputs[0])
+            return torch.zeros(ctx.shape, dtype=torch.float32, device=scale.device)
         # Renormalize the 1/n weights over the kept inputs the way mergekit does
         # (in float64, by summation), so the float32 share rounds the same.
         share = alpha / sum([alpha] * len(kept))
