@@ -57,8 +57,12 @@ def _targets(family: Family, block_size: str | None) -> dict[str, dict]:
     for m in RANDOM_METHODS:
         targets[m] = _merge(family, m, _experts(m), f"out/{m}", block_size=block_size)
         targets[f"{m}-seed"] = _merge(family, m, _experts(m), f"out/{m}-seed", seed=8, block_size=block_size)
+    for i in (0, 1):
+        one = [(i, {"weight": 1.0, "density": 0.3})]
+        targets[f"dare-kept-{i}"] = _merge(
+            family, "dare_linear", one, f"out/dare-kept-{i}", parameters={"rescale": False}
+        )
     one = [(0, {"weight": 1.0, "density": 0.3})]
-    targets["dare-kept"] = _merge(family, "dare_linear", one, "out/dare-kept", parameters={"rescale": False})
     targets["dare-rescaled"] = _merge(family, "dare_linear", one, "out/dare-rescaled")
     one_della = [(0, {"weight": 1.0, "density": DENSITY, "epsilon": EPSILON})]
     targets["della-kept"] = _merge(
@@ -123,29 +127,41 @@ def test_seed_changes_output(method: str, runs: dict[str, Path]) -> None:
     assert len(differing) == len(a)
 
 
-def _kept(out: Path, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per tensor: the output's delta against the base, and expert 0's delta."""
+def _kept(
+    out: Path, family: Family, expert: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per tensor: the output's delta against the base, and the expert's delta."""
     base = load_tensors(family.base)
-    expert = load_tensors(family.experts[0])
+    tensors = load_tensors(family.experts[expert])
     merged = load_tensors(out)
     return (
         {n: merged[n] - base[n] for n in base},
-        {n: expert[n] - base[n] for n in base},
+        {n: tensors[n] - base[n] for n in base},
     )
 
 
-def test_dare_keeps_density_fraction(runs: dict[str, Path], families: dict[str, Family]) -> None:
-    family = families["llama32"]
-    out, delta = _kept(runs["first"] / "dare-kept", family)
+@pytest.mark.parametrize("expert", [0, 1])
+def test_dare_keeps_density_fraction(expert: int, runs: dict[str, Path], families: dict[str, Family]) -> None:
+    out, delta = _kept(runs["first"] / f"dare-kept-{expert}", families["llama32"], expert)
     kept = sum(int((out[n] != 0).sum()) for n in out)
     total = sum(int((delta[n] != 0).sum()) for n in delta)
     # ~165k Bernoulli(0.3) draws: the standard deviation of the fraction is ~0.0011.
     assert abs(kept / total - 0.3) < 0.006
     for n in out:
-        # Without rescale the kept entries are the expert's delta itself (float32 base + delta
-        # round trip aside, so compare against the expert's value through the base).
+        # Without rescale the kept entries are the expert's delta itself (up to the
+        # float32 round trip through base + delta).
         mask = out[n] != 0
         assert torch.allclose(out[n][mask], delta[n][mask], rtol=1e-5, atol=1e-7), n
+
+
+def test_experts_draw_independent_masks(runs: dict[str, Path], families: dict[str, Family]) -> None:
+    """The draws are keyed by the expert tensor's digest: two experts do not share a mask."""
+    out0, _ = _kept(runs["first"] / "dare-kept-0", families["llama32"], 0)
+    out1, _ = _kept(runs["first"] / "dare-kept-1", families["llama32"], 1)
+    both = sum(int(((out0[n] != 0) & (out1[n] != 0)).sum()) for n in out0)
+    total = sum(out0[n].numel() for n in out0)
+    # Independent masks overlap on density^2 = 9 % of elements (identical ones on 30 %).
+    assert abs(both / total - 0.09) < 0.005
 
 
 def test_dare_rescale_keeps_l1_norm(runs: dict[str, Path], families: dict[str, Family]) -> None:
