@@ -12,12 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
 from tests.conformance.cases import Case
 from tests.conformance.compare import BatchBuilder, compare_outputs
 from tests.conformance.conftest import NUM_LAYERS
 from tests.conformance.oracle import mergekit_config, run_mergekit
-from tests.families import Family
+from tests.families import Family, load_tensors
 
 
 def _w(*weights: float, **shared: object) -> tuple[tuple[int, dict], ...]:
@@ -333,6 +335,23 @@ def test_matches_mergekit(
     assert result.ambiguous_fraction < case.max_ambiguous, (
         f"{result.ambiguous} of {result.compared} elements sit on a top-k tie"
     )
+    # The output is a model directory: config from the reference, tokenizer from the base.
+    assert (built / "config.json").is_file()
+    if case.base and (family.base / "tokenizer.json").is_file():
+        assert (built / "tokenizer.json").read_bytes() == (family.base / "tokenizer.json").read_bytes()
     if case.expect_ties:
         # The dedicated tie cases must really exercise the exclusion.
         assert result.ambiguous > 0
+
+
+def test_output_loads_with_transformers(mergebuild_outputs: dict[str, Path | str]) -> None:
+    """A merged Llama is a working Hugging Face model, in the spec's dtype."""
+    built = mergebuild_outputs.get("ta-llama-bf16")
+    if built is None:
+        pytest.skip("ta-llama-bf16 not selected")
+    assert not isinstance(built, str), built
+    model = LlamaForCausalLM.from_pretrained(built)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(model.lm_head.weight, load_tensors(built)["lm_head.weight"])
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits.float()).all()
