@@ -139,7 +139,13 @@ def _compile_tensor(
             )
         return TensorNode(name, ref.shape, out_dtype, "copy", base_info, (), (), (), "missing from models")
     t = param_resolver.layer_position(name, num_layers)
-    shared = _resolve(method, "method", (target.parameters,), "parameters", name, t)
+    # Method-wide values of per-model parameters ride along too: methods that
+    # treat the base as one more input read them (the base has no model entry).
+    shared = _resolve(method, "method", (target.parameters,), "parameters", name, t) + tuple(
+        (p.name, p.kind(value))
+        for p in method.params
+        if p.scope == "model" and (value := _lookup(target.parameters, p.name, name, t)) is not None
+    )
     per_model = tuple(
         _resolve(
             method,

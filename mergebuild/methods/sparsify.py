@@ -75,11 +75,11 @@ def random(uniforms: torch.Tensor, density: float) -> torch.Tensor:
 def della(delta: torch.Tensor, uniforms: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Keep each element with a probability that rises linearly with its |delta| rank in its row.
 
-    Rows are taken along dimension 1 (a 1-D tensor is one row). The smallest
+    Rows are taken along dimension 1 (a 1-D or 0-d tensor is one row). The smallest
     magnitude of a row is kept with probability density - epsilon, the largest
     with density + epsilon; a row of one element with probability density.
     """
-    mags = delta.abs() if delta.dim() >= 2 else delta.abs().unsqueeze(0)
+    mags = delta.abs() if delta.dim() >= 2 else delta.abs().reshape(1, -1)
     mags = mags.movedim(1, -1)
     length = mags.shape[-1]
     order = torch.argsort(mags, dim=-1, stable=True)

@@ -49,12 +49,6 @@ def test_scalar_tensors_merge_like_mergekit(method: str) -> None:
     assert_ulps(out, oracle)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="BUG (lead): sparsify.della indexes dimension 1 of a 0-d delta (mergekit crashes "
-    "the same way); a scalar is one row of one element, kept with probability density",
-)
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 def test_della_on_a_scalar_tensor(method: str) -> None:
     per_model = [{"weight": 1.0, "density": 0.5}]
