@@ -12,7 +12,8 @@ measured. Its output ``merged_f`` is compared with the unbudgeted build
 streamed tensor by tensor in float64. The bound the tool reports in its
 ``--json`` summary (first key found among ``common.SUMMARY_BOUND_KEYS``: the
 design's "sum of omitted w_i ||delta_i,b||") is printed as is and divided by
-``||merged_full - base||``; 'n/a' when the summary has none.
+``||merged_full - base||``; 'n/a' when the summary has none. Failed builds are
+listed under the table with the last line of the tool's error.
 
 ``--warmup``: a budget can only pick the most valuable blocks if the catalog
 already knows the delta statistics, so before each measured build the fresh
@@ -254,7 +255,7 @@ HEADERS = [
     "peak RSS",
     "measured rel. dev",
     "bound (tool)",
-    "bound / ||full-base||",
+    "bound / norm(full - base)",
     "dev <= bound",
 ]
 

@@ -609,8 +609,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A GitHub-flavoured markdown table, numbers right-aligned."""
-    rows = [[str(c) for c in r] for r in rows]
+    """A GitHub-flavoured markdown table, padded to read as plain text too."""
+    rows = [[str(c).replace("|", "\\|") for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
