@@ -63,9 +63,6 @@ class Case:
     max_ambiguous: float = 0.001
     #: The inputs are built to tie at a threshold (the case checks the exclusion is used).
     expect_ties: bool = False
-    #: A diagnosed mergebuild bug this case still hits (the case runs as a strict xfail,
-    #: so the fix shows up as an XPASS failure and the note can go).
-    known_failure: str | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:

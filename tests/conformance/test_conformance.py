@@ -152,12 +152,6 @@ CASES: tuple[Case, ...] = (
         _w(1.0, 2.0),
         {"weight": 0.5},
         out_dtype="float32",
-        known_failure=(
-            "methods/common.base_param reads the base's weight with ctx.param('weight'), "
-            "but the executor's TensorContext.param only holds method-scope parameters "
-            "(graph._resolve_shared skips scope='model'), so the method-wide weight is "
-            "never seen and the build stops with exit 2"
-        ),
     ),
     # --- slerp ---
     Case("slerp-half", "llama", "slerp", ((0, {}),), {"t": 0.5}),
@@ -301,18 +295,7 @@ def test_case_ids_unique() -> None:
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-def _params(cases: tuple[Case, ...]) -> list:
-    return [
-        pytest.param(
-            c,
-            id=c.id,
-            marks=[pytest.mark.xfail(strict=True, reason=c.known_failure)] if c.known_failure else [],
-        )
-        for c in cases
-    ]
-
-
-@pytest.mark.parametrize("case", _params(CASES))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_mergekit(
     case: Case,
     families: dict[str, Family],
