@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from mergebuild import lockfile
 from mergebuild import spec as spec_module
 from mergebuild.catalog import BlockGrid, Catalog
@@ -272,8 +274,6 @@ class VerifyResult:
 
 def verify(spec_path: Path, args: JsonnetArgs, target: str | None = None) -> list[VerifyResult]:
     """Check each target's output on disk against the lockfile's file digests."""
-    import xxhash
-
     spec = load_spec(spec_path, args)
     lock_file = lockfile.lock_path(spec.path)
     lock = lockfile.read_lock(lock_file)

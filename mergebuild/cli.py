@@ -78,12 +78,8 @@ def _size(n: int) -> str:
 
 
 def _summary_json(summary: BuildSummary) -> str:
-    def convert(value: object) -> object:
-        return str(value) if isinstance(value, Path) else value
-
-    data = asdict(summary)
-    data = json.loads(json.dumps(data, default=convert))
-    return json.dumps(data, indent=2, sort_keys=True)
+    # Paths are the only non-JSON values in a summary.
+    return json.dumps(asdict(summary), default=str, indent=2, sort_keys=True)
 
 
 def _render_summary(summary: BuildSummary) -> None:
@@ -155,7 +151,7 @@ def build_command(
     )
     summary = build(spec, options)
     if as_json:
-        out.print_json(_summary_json(summary)) if sys.stdout.isatty() else print(_summary_json(summary))
+        print(_summary_json(summary))
     else:
         _render_summary(summary)
     if dry_run:

@@ -19,9 +19,7 @@ from mergebuild.catalog import BlockGrid, Catalog, FileStat, TensorDigests, Tens
 from mergebuild.errors import ExecutionError, InputError
 from mergebuild.graph import CompiledTarget, TensorNode, node_key
 from mergebuild.methods.base import Scalar
-from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor
-
-_READ_CHUNK = 8 * 2**20
+from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor, read_bytes
 
 
 @dataclass
@@ -64,22 +62,16 @@ class SourceReader:
         """The tensor in its stored dtype, and its digests."""
         before = self.stat(info)
         hasher = TensorHasher(info, self.grid(info))
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
         try:
             fd = os.open(info.path, os.O_RDONLY)
         except OSError as e:
             raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
         try:
-            done = 0
-            while done < info.nbytes:
-                n = os.preadv(fd, [view[done : done + _READ_CHUNK]], info.start + done)
-                if n == 0:
-                    raise ExecutionError(
-                        f"{info.path}: file ended inside tensor {info.name!r} (changed during build?)"
-                    )
-                hasher.update(view[done : done + n])
-                done += n
+            buf = read_bytes(info, 0, info.nbytes, fd=fd, on_chunk=hasher.update)
+        except InputError as e:
+            # The header was checked against the file's size when it was opened:
+            # a short read now means the file changed under the build.
+            raise ExecutionError(f"{e} (changed during build?)") from e
         finally:
             os.close(fd)
         if FileStat.of(info.path) != before:

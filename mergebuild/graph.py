@@ -13,6 +13,7 @@ key is derived from these and from its inputs' digests (`node_key`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -74,7 +75,7 @@ class CompiledTarget:
 
 
 def compile_target(
-    spec: Spec, name: str, open_source: callable[[Path], ModelSource] = ModelSource.open
+    spec: Spec, name: str, open_source: Callable[[Path], ModelSource] = ModelSource.open
 ) -> CompiledTarget:
     """Open a target's sources and compile one node per output tensor."""
     target = spec.targets[name]

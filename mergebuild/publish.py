@@ -14,6 +14,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import xxhash
@@ -87,7 +88,7 @@ class OutputWriter:
         self._next = 0
         self._block_size = block_size
         self._metadata = metadata
-        self._file: object | None = None
+        self._file: BinaryIO | None = None
         self._file_hash = xxhash.xxh3_128()
         self._files: list[OutputFile] = []
         self._shard = -1
@@ -102,17 +103,17 @@ class OutputWriter:
 
     def _emit(self, data: bytes | bytearray | memoryview) -> None:
         assert self._file is not None
-        self._file.write(data)  # type: ignore[attr-defined]
+        self._file.write(data)
         self._file_hash.update(data)
 
     def _close_shard(self) -> None:
         if self._file is None:
             return
         f = self._file
-        f.flush()  # type: ignore[attr-defined]
-        os.fsync(f.fileno())  # type: ignore[attr-defined]
-        size = f.tell()  # type: ignore[attr-defined]
-        f.close()  # type: ignore[attr-defined]
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+        f.close()
         self._files.append(OutputFile(self._names[self._shard], size, self._file_hash.hexdigest()))
         self._file = None
 
@@ -135,8 +136,6 @@ class OutputWriter:
         """Close the last shard and write the index when there are several."""
         if self._next != len(self._order):
             raise AssertionError("writer finished before every tensor was written")
-        if self._shard == -1 and self._order:
-            raise AssertionError("no shard opened")
         if not self._order:
             self._open_shard(0)
         self._close_shard()

@@ -13,12 +13,16 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mergebuild.errors import InputError
+
+#: Bytes per pread: large enough to stream at disk speed, small enough to hash as it lands.
+READ_CHUNK = 8 * 2**20
 
 #: Same cap as the reference implementation: a real header is a few MB at most.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -165,8 +169,18 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def read_bytes(info: TensorInfo, start: int, end: int, fd: int | None = None) -> bytearray:
-    """Bytes [start, end) of a tensor's data (offsets relative to the tensor), via pread."""
+def read_bytes(
+    info: TensorInfo,
+    start: int,
+    end: int,
+    fd: int | None = None,
+    on_chunk: Callable[[memoryview], None] | None = None,
+) -> bytearray:
+    """Bytes [start, end) of a tensor's data (offsets relative to the tensor), via pread.
+
+    Reads in chunks of READ_CHUNK bytes, handing each to `on_chunk` as it lands
+    (so a hash can ride along the read).
+    """
     length = end - start
     buf = bytearray(length)
     view = memoryview(buf)
@@ -180,9 +194,11 @@ def read_bytes(info: TensorInfo, start: int, end: int, fd: int | None = None) ->
     try:
         done = 0
         while done < length:
-            n = os.preadv(fd, [view[done:]], info.start + start + done)
+            n = os.preadv(fd, [view[done : done + READ_CHUNK]], info.start + start + done)
             if n == 0:
                 raise InputError(f"{info.path}: file is truncated inside tensor {info.name!r}")
+            if on_chunk is not None:
+                on_chunk(view[done : done + n])
             done += n
     finally:
         if own:
