@@ -40,6 +40,7 @@ from common import (
     Measurement,
     Merge,
     add_common_args,
+    comma_list,
     files_under,
     find_key,
     fmt_bytes,
@@ -52,6 +53,7 @@ from common import (
     mergebuild_cmd,
     mergebuild_status,
     mergekit_cmd,
+    method_list,
     ratio,
     relative_deviation,
     remove,
@@ -269,11 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     add_family_args(parser)
     add_common_args(parser, "budget")
     parser.add_argument(
-        "--methods", default="task_arithmetic,ties", help="comma-separated (default task_arithmetic,ties)"
+        "--methods",
+        type=method_list,
+        default=["task_arithmetic", "ties"],
+        help="comma-separated (default task_arithmetic,ties)",
     )
     parser.add_argument(
         "--fractions",
-        default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS),
+        type=comma_list(float),
+        default=list(DEFAULT_FRACTIONS),
         help="comma-separated budget fractions (default 1,0.5,0.25,0.1,0.05)",
     )
     parser.add_argument(
@@ -285,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="builds per fraction (default 1)")
     parser.add_argument("--keep-outputs", action="store_true", help="keep outputs and caches")
     args = parser.parse_args(argv)
-    args.fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = args.methods
     if args.skip_mergebuild:
         parser.error("the budget sweep measures mergebuild; --skip-mergebuild leaves nothing")
 

@@ -431,6 +431,24 @@ ALL_METHODS = tuple(METHOD_PARAMETERS)
 RANDOM_METHODS = frozenset({"dare_ties", "dare_linear", "della"})
 
 
+def comma_list(kind: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
+    """An argparse type: comma-separated items, blanks dropped, each passed through `kind`."""
+
+    def parse(text: str) -> list[Any]:
+        return [kind(item.strip()) for item in text.split(",") if item.strip()]
+
+    return parse
+
+
+def method_list(text: str) -> list[str]:
+    """An argparse type: comma-separated method names, checked against ALL_METHODS."""
+    methods = comma_list()(text)
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; known: {list(ALL_METHODS)}")
+    return methods
+
+
 def uses_base(method: str) -> bool:
     """Whether the method reads a base model (every method here except linear)."""
     return method != "linear"

@@ -44,6 +44,7 @@ from common import (
     mergebuild_cmd,
     mergebuild_status,
     mergekit_cmd,
+    method_list,
     model_files,
     ratio,
     relative_deviation,
@@ -55,15 +56,6 @@ from common import (
     write_json,
 )
 from family import Family, add_family_args, family_from_args
-
-
-def parse_methods(text: str) -> list[str]:
-    """Comma-separated method names, checked against the benchmark's list."""
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; known: {list(ALL_METHODS)}")
-    return methods
 
 
 def bench_method(method: str, fam: Family, args: argparse.Namespace, run_mergebuild: bool) -> dict[str, Any]:
@@ -164,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser, "full")
     parser.add_argument(
         "--methods",
-        type=parse_methods,
+        type=method_list,
         default=list(ALL_METHODS),
         help=f"comma-separated (default: {','.join(ALL_METHODS)})",
     )
