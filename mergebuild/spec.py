@@ -8,14 +8,16 @@ lockfile. Schema errors name the field path; Jsonnet errors name file:line:col.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import _jsonnet
 import xxhash
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,11 +31,12 @@ from pydantic import (
 )
 
 from mergebuild.errors import SpecError
-from mergebuild.methods import REGISTRY
-from mergebuild.methods.base import Method
+
+if TYPE_CHECKING:
+    from mergebuild.methods.base import Method
 
 LIBRARY_NAME = "mergebuild.libsonnet"
-LIBRARY_PATH = Path(__file__).parent / LIBRARY_NAME
+LIBRARY_PATH = Path(__file__).resolve().parent / LIBRARY_NAME
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -50,7 +53,11 @@ def parse_size(value: object) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _SIZE_UNITS:
             raise ValueError(f"not a size: {value!r} (use e.g. '16MiB', '4GB' or a number of bytes)")
-        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        number = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+        # A long digit string parses to inf; int(inf) would raise OverflowError, not ValueError.
+        if not math.isfinite(number):
+            raise ValueError(f"not a size: {value!r} is too large")
+        size = int(number)
     else:
         raise ValueError("must be a number of bytes or a string such as '16MiB'")
     if size <= 0:
@@ -59,6 +66,20 @@ def parse_size(value: object) -> int:
 
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _check_path(value: str) -> str:
+    # A NUL byte cannot be in a file name: os calls would raise ValueError mid-build.
+    if "\0" in value:
+        raise ValueError("a path cannot contain a NUL character")
+    if not value.strip():
+        raise ValueError("a path cannot be empty")
+    return value
+
+
+SpecPath = Annotated[str, AfterValidator(_check_path)]
+#: Seeds go into random streams as signed 64-bit integers.
+Seed = Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]
 Number = StrictInt | StrictFloat
 Gradient = Annotated[list[Number], Field(min_length=1)]
 
@@ -80,7 +101,7 @@ ParamValue = StrictBool | Number | Gradient | Annotated[list[FilterRule], Field(
 class ModelEntry(_Frozen):
     """One input model: a path and its own parameters."""
 
-    path: str
+    path: SpecPath
     parameters: dict[str, ParamValue] = {}
 
     @model_validator(mode="before")
@@ -110,24 +131,28 @@ class MergeSpec(_Frozen):
     models: list[ModelEntry] = []
     parameters: dict[str, ParamValue] = {}
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    seed: StrictInt = 0
+    seed: Seed = 0
     budget: Budget | None = None
     block_size: ByteSize = 16 * 2**20
     shard_size: ByteSize = 5 * 10**9
-    tokenizer: str | None = None
+    tokenizer: SpecPath | None = None
     #: Let a model that lacks a tensor sit that tensor out instead of failing.
     allow_missing: StrictBool = False
-    output: str
+    output: SpecPath
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
+        from mergebuild.methods import REGISTRY  # torch comes with it: not needed for an up-to-date check
+
         if v not in REGISTRY:
             raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(REGISTRY))}")
         return v
 
     @model_validator(mode="after")
     def _fits_method(self) -> MergeSpec:
+        from mergebuild.methods import REGISTRY
+
         method = REGISTRY[self.method]
         if self.budget is not None:
             raise ValueError("budget is not supported yet")
@@ -206,8 +231,18 @@ class Spec:
         return xxhash.xxh3_128_hexdigest(canonical_json(self.evaluated).encode())
 
     def resolve(self, path: str) -> Path:
-        """A spec path, relative to the spec's directory."""
-        return (self.directory / path).resolve() if not Path(path).is_absolute() else Path(path)
+        """A spec path, relative to the spec's directory.
+
+        Symbolic links are resolved in the parent only: the last component stays
+        the one the spec names, so an output that is a symlink is seen (and
+        refused) as one, instead of silently replacing the directory it points to.
+        """
+        if Path(path).is_absolute():
+            return Path(path)
+        joined = self.directory / path
+        if joined.name in ("", "..") or joined == self.directory:
+            return joined.resolve()
+        return joined.parent.resolve() / joined.name
 
 
 def canonical_json(value: object) -> str:
@@ -226,9 +261,12 @@ class _Importer:
         if rel == LIBRARY_NAME:
             target = LIBRARY_PATH
         else:
-            target = (Path(directory) / rel).resolve()
-            allowed = (self.root, LIBRARY_PATH.parent)
-            if not any(target.is_relative_to(a) for a in allowed):
+            try:
+                target = (Path(directory) / rel).resolve()
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"cannot import {rel!r}: {e}") from e
+            # Only the library file itself, not the package directory around it.
+            if not (target.is_relative_to(self.root) or target == LIBRARY_PATH):
                 raise RuntimeError(f"import {rel!r} is outside the spec's directory tree")
         try:
             content = target.read_bytes()
@@ -281,7 +319,35 @@ def _jsonnet_message(raw: str, root: Path) -> str:
 def load(path: Path, **jsonnet_args: dict[str, str] | None) -> Spec:
     """Evaluate and validate a spec file."""
     evaluated, imports = evaluate(path, **jsonnet_args)
-    return Spec(path=path.resolve(), evaluated=evaluated, targets=validate(evaluated), imports=imports)
+    spec = Spec(path=path.resolve(), evaluated=evaluated, targets=validate(evaluated), imports=imports)
+    _check_outputs(spec, prefix="targets." if "targets" in evaluated else "")
+    return spec
+
+
+def _check_outputs(spec: Spec, prefix: str) -> None:
+    """Refuse an output whose replacement would delete the spec or a source.
+
+    Publishing replaces the output directory (with --force, even one mergebuild
+    did not make): an output of '.' or of a model directory must never get that far.
+    """
+    sources = {
+        (spec.directory / p).resolve(): p
+        for target in spec.targets.values()
+        for p in [*(m.path for m in target.models), *(e.path for e in (target.base,) if e), target.tokenizer]
+        if p is not None
+    }
+    for name, target in spec.targets.items():
+        where = f"{prefix}{name}.output" if prefix else "output"
+        output = (spec.directory / target.output).resolve()
+        if spec.directory.is_relative_to(output):
+            raise SpecError(
+                f"{where}: {target.output!r} holds the spec's own directory; choose a new directory"
+            )
+        for source, written in sources.items():
+            if source.is_relative_to(output):
+                raise SpecError(
+                    f"{where}: {target.output!r} holds the source {written!r}; choose a new directory"
+                )
 
 
 def validate(value: dict) -> dict[str, MergeSpec]:
@@ -322,3 +388,13 @@ def _schema_message(error: ValidationError, prefix: str) -> str:
         msg = "required field is missing"
     path = f"{prefix}{loc}".rstrip(".")
     return f"{path}: {msg}" if path else msg
+
+
+@dataclass(frozen=True)
+class JsonnetArgs:
+    """Top-level arguments and external variables from the CLI."""
+
+    ext_vars: dict[str, str] = field(default_factory=dict)
+    ext_codes: dict[str, str] = field(default_factory=dict)
+    tla_vars: dict[str, str] = field(default_factory=dict)
+    tla_codes: dict[str, str] = field(default_factory=dict)
