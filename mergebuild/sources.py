@@ -220,9 +220,10 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Anything else (a pickled module, a pickle that imports or calls code, a
     corrupt file) is an InputError; nothing in the file gets to run code.
     """
-    # mmap keeps a large checkpoint out of memory; only the zip format supports it.
-    mmap = zipfile.is_zipfile(path)
     try:
+        # mmap keeps a large checkpoint out of memory; only the zip format supports it.
+        # (is_zipfile itself raises BadZipFile on some corrupt archives.)
+        mmap = zipfile.is_zipfile(path)
         with warnings.catch_warnings():
             # torch warns about pickle protocols on stderr; the error (if any) says enough.
             warnings.simplefilter("ignore")
