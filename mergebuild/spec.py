@@ -154,10 +154,15 @@ class MergeSpec(_Frozen):
         from mergebuild.methods import REGISTRY
 
         method = REGISTRY[self.method]
-        if self.budget is not None:
-            raise ValueError("budget is not supported yet")
+        if self.budget is not None and not method.budgeted:
+            raise ValueError(
+                f"budget: {self.method!r} does not add deltas to a base; budgets apply to task_arithmetic, "
+                "ties, dare_*, breadcrumbs* and della*"
+            )
         if method.base_policy == "required" and self.base is None:
             raise ValueError(f"method {self.method!r} needs a base model")
+        if self.base is None and not self.models:
+            raise ValueError(f"method {self.method!r} needs a base or a model to read")
         count = len(self.models)
         if count < method.min_models or (method.max_models is not None and count > method.max_models):
             wanted = (
