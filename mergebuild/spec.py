@@ -294,6 +294,12 @@ def evaluate(
     path = path.resolve()
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
+    try:
+        path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
     importer = _Importer(root=path.parent)
     try:
         text = _jsonnet.evaluate_file(
@@ -306,6 +312,11 @@ def evaluate(
         )
     except RuntimeError as e:
         raise SpecError(_jsonnet_message(str(e), path.parent)) from None
+    except UnicodeDecodeError:
+        # The binding decodes Jsonnet's output (or error message) as UTF-8.
+        raise SpecError(
+            f"{path}: evaluates to (or fails with) text that is not UTF-8; is an import binary?"
+        ) from None
     value = json.loads(text)
     if not isinstance(value, dict):
         raise SpecError(f"{path}: a spec must evaluate to an object, got {type(value).__name__}")

@@ -62,10 +62,10 @@ spec_text = st.one_of(
 
 
 @FUZZ
-@given(text=spec_text, as_json=st.booleans())
-def test_spec_text_gives_only_mergebuild_errors(tmp_path: Path, text: str, as_json: bool) -> None:
+@given(text=spec_text | st.binary(max_size=100), as_json=st.booleans())
+def test_spec_text_gives_only_mergebuild_errors(tmp_path: Path, text: str | bytes, as_json: bool) -> None:
     path = tmp_path / ("s.json" if as_json else "s.jsonnet")
-    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass"))
     try:
         spec = load(path, ext_vars={"k": "v"})
     except MergebuildError as e:
