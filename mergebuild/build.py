@@ -6,6 +6,7 @@ The CLI calls `build`, `verify` and `plan` and renders what they return.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import xxhash
 
-from mergebuild import lockfile
+from mergebuild import freshness, lockfile
 from mergebuild import spec as spec_module
-from mergebuild.catalog import BlockGrid, Catalog
+from mergebuild.cache import Cache, Result
+from mergebuild.catalog import FileStat
 from mergebuild.errors import ExecutionError, InputError, LockMismatch, SpecError
-from mergebuild.execute import ExecutionReport, SourceReader, execute
-from mergebuild.graph import CompiledTarget, TensorNode, compile_target
+from mergebuild.execute import ExecutionReport, SourceReader, execute, index_target
+from mergebuild.graph import CompiledTarget, compile_target
+from mergebuild.plan import TargetPlan, plan_target
 from mergebuild.publish import (
+    OutputFile,
     OutputWriter,
     check_output_path,
     copy_side_files,
@@ -28,19 +32,8 @@ from mergebuild.publish import (
     staging_dir,
 )
 from mergebuild.sources import ModelSource
-from mergebuild.spec import Spec
-
-CATALOG_NAME = "catalog.sqlite"
-
-
-@dataclass(frozen=True)
-class JsonnetArgs:
-    """Top-level arguments and external variables from the CLI."""
-
-    ext_vars: dict[str, str] = field(default_factory=dict)
-    ext_codes: dict[str, str] = field(default_factory=dict)
-    tla_vars: dict[str, str] = field(default_factory=dict)
-    tla_codes: dict[str, str] = field(default_factory=dict)
+from mergebuild.spec import JsonnetArgs, Spec
+from mergebuild.summary import BuildSummary, TargetSummary
 
 
 @dataclass(frozen=True)
@@ -50,33 +43,7 @@ class BuildOptions:
     locked: bool = False
     dry_run: bool = False
     force: bool = False
-    jsonnet: JsonnetArgs = JsonnetArgs()
-
-
-@dataclass
-class TargetSummary:
-    """What building one target read, computed and wrote."""
-
-    name: str
-    output: Path
-    method: str
-    bytes_to_read: int = 0
-    bytes_read: int = 0
-    tensors_merged: int = 0
-    tensors_copied: int = 0
-    blocks_computed: int = 0
-    bytes_written: int = 0
-    files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-@dataclass
-class BuildSummary:
-    spec: Path
-    lockfile: Path
-    dry_run: bool
-    targets: list[TargetSummary] = field(default_factory=list)
-    seconds: float = 0.0
+    jsonnet: JsonnetArgs = field(default_factory=JsonnetArgs)
 
 
 def load_spec(path: Path, args: JsonnetArgs) -> Spec:
@@ -124,59 +91,110 @@ def build(spec_path: Path, options: BuildOptions) -> BuildSummary:
     if previous is not None and options.target is not None:
         lock["sources"].update(previous.get("sources", {}))
         lock["targets"].update(previous.get("targets", {}))
-    catalog = Catalog(options.cache_dir / CATALOG_NAME)
+    cache = Cache(options.cache_dir)
     try:
         for target in compiled:
-            reader = SourceReader(catalog, target.spec.block_size)
+            stale = _staleness(spec, target, previous, cache)
+            if stale is None and not options.dry_run:
+                assert previous is not None
+                summary.targets.append(_up_to_date(target))
+                lock["targets"][target.name] = previous["targets"][target.name]
+                for key in _source_keys(spec, target):
+                    lock["sources"][key] = previous["sources"][key]
+                continue
+            target_plan = _plan(spec, target, cache, previous, options.locked)
             if options.dry_run:
-                summary.targets.append(_plan_summary(target))
+                summary.targets.append(_plan_summary(target, target_plan))
+                summary.targets[-1].reason = stale or ""
+                summary.targets[-1].up_to_date = stale is None
                 continue
             check = None
             if options.locked:
                 assert previous is not None
                 check = _locked_checker(target.name, previous)
-            target_summary, entry, sources = _build_target(spec, target, reader, options.force, check)
+            reader = SourceReader(cache, target.spec.block_size)
+            try:
+                target_summary, entry, sources = _build_target(
+                    spec, target, target_plan, reader, options.force, check
+                )
+            except (OSError, sqlite3.OperationalError) as e:
+                # A full disk or an unwritable cache: nothing was published (staging is discarded).
+                detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise ExecutionError(f"{target.output}: cannot write: {detail}; nothing was published") from e
+            target_summary.reason = stale
             summary.targets.append(target_summary)
             lock["sources"].update(sources)
             lock["targets"][target.name] = entry
     finally:
-        catalog.close()
+        cache.close()
     if not options.dry_run:
         lockfile.write_lock(lock_file, lock)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _plan_summary(target: CompiledTarget) -> TargetSummary:
+def _plan(
+    spec: Spec, target: CompiledTarget, cache: Cache, previous: dict | None, locked: bool
+) -> TargetPlan:
+    entry = (previous or {}).get("targets", {}).get(target.name)
+    replay = None
+    if locked and target.spec.budget is not None:
+        replay = (entry or {}).get("plan", {}).get("allocation")
+        if replay is None:
+            raise LockMismatch(f"--locked: the lockfile has no budget allocation for target {target.name!r}")
+    labels = {
+        str(s.path): _source_key(spec, s.path)
+        for s in ((target.base,) if target.base else ()) + target.models
+    }
+    return plan_target(target, cache, labels, entry, replay)
+
+
+def _plan_summary(target: CompiledTarget, target_plan: TargetPlan) -> TargetSummary:
     summary = TargetSummary(target.name, target.output, target.method.name)
-    summary.bytes_to_read = sum(info.nbytes for node in target.nodes for info in node.inputs)
-    summary.tensors_merged = sum(node.action == "merge" for node in target.nodes)
-    summary.tensors_copied = sum(node.action == "copy" for node in target.nodes)
-    summary.blocks_computed = sum(_blocks(node, target.spec.block_size) for node in target.nodes)
+    summary.bytes_to_read = target_plan.bytes_to_read
+    summary.tensors_merged = sum(n.action == "compute" for n in target_plan.nodes)
+    summary.tensors_copied = sum(n.action == "copy" for n in target_plan.nodes)
+    summary.tensors_reused = sum(n.action == "reuse" for n in target_plan.nodes)
+    if target_plan.budget is not None:
+        summary.budget_bytes = target_plan.budget.budget_bytes
+        summary.allocated_bytes = target_plan.budget.allocated_bytes
+        summary.bound = target_plan.budget.bound
     return summary
 
 
-def _blocks(node: TensorNode, block_size: int) -> int:
-    return len(BlockGrid.for_shape(node.shape, block_size).ranges())
+def _plan_record(target: CompiledTarget, target_plan: TargetPlan) -> dict:
+    """The lockfile's record of the plan: the full read, or the budget and its allocation."""
+    budget = target_plan.budget
+    if budget is None or target.spec.budget is None:
+        return {"read": "all"}
+    return {
+        "budget": target.spec.budget.model_dump(exclude_none=True),
+        "budget_bytes": budget.budget_bytes,
+        "allocated_bytes": budget.allocated_bytes,
+        "full_bytes": budget.full_bytes,
+        "bound": budget.bound,
+        "allocation": target_plan.allocation_record,
+    }
 
 
 def _build_target(
     spec: Spec,
     target: CompiledTarget,
+    target_plan: TargetPlan,
     reader: SourceReader,
     force: bool,
     check: Callable[[dict, dict[str, dict]], None] | None,
 ) -> tuple[TargetSummary, dict, dict[str, dict]]:
     """Execute into a staging directory; `check` may veto before anything is published."""
     check_output_path(target.output, force)
-    summary = _plan_summary(target)
+    summary = _plan_summary(target, target_plan)
     staging = staging_dir(target.output)
     try:
         layout = [(node.name, node.dtype, node.shape) for node in target.nodes]
         writer = OutputWriter(
             staging, layout, target.spec.shard_size, target.spec.block_size, {"format": "pt"}
         )
-        report: ExecutionReport = execute(target, reader, writer.write)
+        report: ExecutionReport = execute(target, target_plan, reader, writer.write)
         files = writer.finish()
         tokenizer = spec.resolve(target.spec.tokenizer) if target.spec.tokenizer else None
         if tokenizer is not None and not tokenizer.is_dir():
@@ -189,7 +207,7 @@ def _build_target(
             "output": os.path.relpath(target.output, spec.directory),
             "base": _source_key(spec, target.base.path) if target.base else None,
             "models": [_source_key(spec, m.path) for m in target.models],
-            "plan": {"read": "all"},
+            "plan": _plan_record(target, target_plan),
             "tensors": {r.name: {"digest": r.digests.root.hex(), "key": r.key} for r in report.results},
             "files": {f.name: {"size": f.size, "digest": f.digest} for f in files},
         }
@@ -200,13 +218,62 @@ def _build_target(
     except BaseException:
         discard(staging)
         raise
+    _remember_output(reader.cache, target.output, files, writer.placements, report)
     summary.bytes_read = reader.counters.bytes_read
-    summary.tensors_merged = report.merged
-    summary.tensors_copied = report.copied
+    expert_files = {str(f.path) for m in target.models for f in m.files}
+    summary.expert_bytes_read = sum(n for path, n in reader.counters.by_file.items() if path in expert_files)
+    summary.tensors_merged = report.count("computed")
+    summary.tensors_copied = report.count("copied")
+    summary.tensors_reused = report.count("reused")
+    summary.expert_work_reused = report.expert_work_reused
+    summary.expert_work_computed = report.expert_work_computed
+    summary.cache_bytes_read = reader.cache.events.bytes_read
+    summary.bad_blobs = len(reader.cache.events.bad_blobs)
     summary.bytes_written = sum(f.size for f in files)
     summary.files = [f.name for f in files]
     summary.seconds = report.seconds
     return summary, entry, sources
+
+
+def _staleness(spec: Spec, target: CompiledTarget, previous: dict | None, cache: Cache) -> str | None:
+    tokenizer = spec.resolve(target.spec.tokenizer) if target.spec.tokenizer else None
+    return freshness.target_staleness(
+        spec.directory, spec.digest, target.name, target.output, tokenizer, previous, cache.catalog
+    )
+
+
+def _up_to_date(target: CompiledTarget) -> TargetSummary:
+    summary = TargetSummary(target.name, target.output, target.method.name, up_to_date=True)
+    summary.tensors_reused = len(target.nodes)
+    return summary
+
+
+def _source_keys(spec: Spec, target: CompiledTarget) -> list[str]:
+    return [_source_key(spec, s.path) for s in ((target.base,) if target.base else ()) + target.models]
+
+
+def _remember_output(
+    cache: Cache,
+    output: Path,
+    files: list[OutputFile],
+    placements: dict[str, tuple[str, int, int]],
+    report: ExecutionReport,
+) -> None:
+    """Adopt the published shards as blobs (hard links), so reused tensors are read out of them,
+    and record each file's stat for the next up-to-date check."""
+    digests = {f.name: f.digest for f in files}
+    adopted = {
+        name
+        for name, digest in digests.items()
+        if name.endswith(".safetensors") and cache.adopt(output / name, digest)
+    }
+    results = []
+    for r in report.results:
+        file_name, offset, nbytes = placements[r.name]
+        if file_name in adopted:
+            results.append((r.key, Result(digests[file_name], offset, nbytes, r.digests.content.hex())))
+    cache.record_results(results)
+    cache.catalog.record_published([(output / f.name, FileStat.of(output / f.name), f.digest) for f in files])
 
 
 def _source_key(spec: Spec, path: Path) -> str:
@@ -221,10 +288,9 @@ def _source_entries(spec: Spec, target: CompiledTarget, reader: SourceReader) ->
         tensors = {}
         for f in source.files:
             digests = [reader.digests(info) for info in f.tensors.values()]
-            files[f.path.name] = {
-                "size": f.size,
-                "digest": lockfile.file_digest(f.header, [d.content for d in digests]),
-            }
+            digest = lockfile.file_digest(f.header, [d.content for d in digests])
+            files[f.path.name] = {"size": f.size, "digest": digest}
+            reader.cache.catalog.record_file_digest(f.path, reader.file_stat(f.path), digest)
             tensors.update({name: d.root.hex() for name, d in zip(f.tensors, digests, strict=True)})
         entries[_source_key(spec, source.path)] = {"files": files, "tensors": dict(sorted(tensors.items()))}
     return entries
@@ -263,6 +329,56 @@ def _check_locked_target(
     changed = lockfile.diff(locked_target, entry)
     if changed:
         raise ExecutionError(f"--locked: target {name!r} did not reproduce the lockfile at {changed[0]}")
+
+
+@dataclass(frozen=True)
+class TargetStatus:
+    """A target's plan, and why it is (or is not) up to date."""
+
+    name: str
+    output: Path
+    stale: str | None
+    plan: TargetPlan
+
+
+def plan(spec_path: Path, options: BuildOptions) -> list[TargetStatus]:
+    """Plan every selected target without reading tensor bytes or writing anything."""
+    spec = load_spec(spec_path, options.jsonnet)
+    previous = lockfile.read_lock(lockfile.lock_path(spec.path))
+    open_source = _opener()
+    statuses = []
+    cache = Cache(options.cache_dir)
+    try:
+        for name in _selected(spec, options.target):
+            target = compile_target(spec, name, open_source)
+            stale = _staleness(spec, target, previous, cache)
+            statuses.append(
+                TargetStatus(name, target.output, stale, _plan(spec, target, cache, previous, False))
+            )
+    finally:
+        cache.close()
+    return statuses
+
+
+def index(spec_path: Path, options: BuildOptions) -> int:
+    """Hash the selected targets' sources into the catalog, with delta statistics for budgets.
+
+    Returns the bytes read (zero when the catalog already knows everything).
+    """
+    spec = load_spec(spec_path, options.jsonnet)
+    open_source = _opener()
+    cache = Cache(options.cache_dir)
+    try:
+        read = 0
+        for name in _selected(spec, options.target):
+            target = compile_target(spec, name, open_source)
+            reader = SourceReader(cache, target.spec.block_size)
+            index_target(target, reader)
+            _source_entries(spec, target, reader)
+            read += reader.counters.bytes_read
+    finally:
+        cache.close()
+    return read
 
 
 @dataclass

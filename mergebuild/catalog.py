@@ -15,14 +15,18 @@ import math
 import os
 import sqlite3
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import xxhash
 
-from mergebuild.safetensors_io import TensorInfo
+if TYPE_CHECKING:
+    from mergebuild.safetensors_io import TensorInfo
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Block sizes count elements of two bytes (bf16), so the grid of a tensor does
 #: not change with its storage dtype.
 GRID_ELEMENT_BYTES = 2
@@ -117,32 +121,87 @@ class FileStat:
 
 
 class Catalog:
-    """SQLite store of tensor digests, keyed by file stat and grid."""
+    """The cache's SQLite index.
+
+    Tables: source files by stat (-> tensor digests and the file's lock
+    digest), per-block delta statistics, content-addressed blobs (size and last
+    use, for LRU eviction), results (an output tensor or a per-expert sparse
+    delta, by node key, pointing into a blob), node key records (for
+    `explain`), and published output files by stat (for the up-to-date check).
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=600, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA busy_timeout = 600000")
         self._db.execute("PRAGMA journal_mode=WAL")
-        if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-            self._db.executescript(
-                f"""
-                DROP TABLE IF EXISTS tensors;
-                DROP TABLE IF EXISTS files;
-                CREATE TABLE files (
-                    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL,
-                    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL);
-                CREATE TABLE tensors (
-                    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-                    name TEXT NOT NULL, rows_per_block INTEGER NOT NULL,
-                    content BLOB NOT NULL, blocks BLOB NOT NULL,
-                    PRIMARY KEY (file_id, name, rows_per_block));
-                PRAGMA user_version = {SCHEMA_VERSION};
-                """
-            )
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                self._create()
+        except sqlite3.DatabaseError as e:
+            # A corrupt catalog is only a cache: start a fresh one beside it.
+            self._db.close()
+            raise CatalogCorrupt(f"{path}: {e}") from e
         self._db.execute("PRAGMA foreign_keys=ON")
+
+    def _create(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            # Another build may have created the schema while this one waited.
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                for table in ("tensors", "files", "stats", "blobs", "results", "records", "published"):
+                    self._db.execute(f"DROP TABLE IF EXISTS {table}")
+                self._db.execute(
+                    "CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, "
+                    "size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, digest TEXT)"
+                )
+                self._db.execute(
+                    "CREATE TABLE tensors (file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE, "
+                    "name TEXT NOT NULL, rows_per_block INTEGER NOT NULL, content BLOB NOT NULL, "
+                    "blocks BLOB NOT NULL, PRIMARY KEY (file_id, name, rows_per_block))"
+                )
+                self._db.execute(
+                    "CREATE TABLE stats (expert BLOB NOT NULL, base BLOB NOT NULL, l2 REAL NOT NULL, "
+                    "max_abs REAL NOT NULL, PRIMARY KEY (expert, base))"
+                )
+                self._db.execute(
+                    "CREATE TABLE blobs (digest TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                    "last_used INTEGER NOT NULL)"
+                )
+                self._db.execute(
+                    "CREATE TABLE results (key TEXT PRIMARY KEY, blob TEXT NOT NULL, "
+                    "offset INTEGER NOT NULL, nbytes INTEGER NOT NULL, digest TEXT NOT NULL)"
+                )
+                self._db.execute("CREATE TABLE records (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
+                self._db.execute(
+                    "CREATE TABLE published (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                    "mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, digest TEXT NOT NULL)"
+                )
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (IMMEDIATE: concurrent builds queue here, never interleave)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return self._db.execute(sql, args).fetchall()
 
     def _file_id(self, path: Path, stat: FileStat, create: bool) -> int | None:
         row = self._db.execute(
@@ -169,7 +228,7 @@ class Catalog:
             "SELECT content, blocks FROM tensors WHERE file_id = ? AND name = ? AND rows_per_block = ?",
             (file_id, info.name, grid.rows_per_block),
         ).fetchone()
-        if row is None:
+        if row is None or len(row[0]) != 16 or len(row[1]) % 16:
             return None
         blocks = bytes(row[1])
         return TensorDigests(
@@ -178,14 +237,65 @@ class Catalog:
 
     def record(self, info: TensorInfo, stat: FileStat, digests: TensorDigests) -> None:
         """Remember a tensor's digests for the file version `stat`."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction():
             file_id = self._file_id(info.path, stat, create=True)
             self._db.execute(
                 "INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?, ?)",
                 (file_id, info.name, digests.rows_per_block, digests.content, b"".join(digests.blocks)),
             )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+
+    def forget_file(self, path: Path) -> None:
+        """Drop what the catalog knows about a file (it does not describe the file's bytes)."""
+        with self.transaction():
+            self._db.execute("DELETE FROM files WHERE path = ?", (str(path),))
+
+    def file_digest(self, path: Path, stat: FileStat) -> str | None:
+        """The lock digest recorded for a source file, if it is unchanged since."""
+        row = self._db.execute(
+            "SELECT size, mtime_ns, inode, digest FROM files WHERE path = ?", (str(path),)
+        ).fetchone()
+        if row is None or tuple(row[:3]) != (stat.size, stat.mtime_ns, stat.inode):
+            return None
+        return row[3]
+
+    def record_file_digest(self, path: Path, stat: FileStat, digest: str) -> None:
+        with self.transaction():
+            file_id = self._file_id(path, stat, create=True)
+            self._db.execute("UPDATE files SET digest = ? WHERE id = ?", (digest, file_id))
+
+    def block_stats(self, expert: bytes, base: bytes) -> tuple[float, float] | None:
+        """(L2 norm, max |delta|) of an expert block against a base block, if known."""
+        row = self._db.execute(
+            "SELECT l2, max_abs FROM stats WHERE expert = ? AND base = ?", (expert, base)
+        ).fetchone()
+        return None if row is None else (float(row[0]), float(row[1]))
+
+    def record_block_stats(self, rows: list[tuple[bytes, bytes, float, float]]) -> None:
+        with self.transaction():
+            self._db.executemany("INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?)", rows)
+
+    def record_key(self, key: str, record: str) -> None:
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO records VALUES (?, ?)", (key, record))
+
+    def key_record(self, key: str) -> str | None:
+        row = self._db.execute("SELECT record FROM records WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def published(self, path: Path) -> tuple[FileStat, str] | None:
+        """The stat and digest of an output file as mergebuild published it."""
+        row = self._db.execute(
+            "SELECT size, mtime_ns, inode, digest FROM published WHERE path = ?", (str(path),)
+        ).fetchone()
+        return None if row is None else (FileStat(row[0], row[1], row[2]), str(row[3]))
+
+    def record_published(self, entries: list[tuple[Path, FileStat, str]]) -> None:
+        with self.transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?, ?)",
+                [(str(p), s.size, s.mtime_ns, s.inode, d) for p, s, d in entries],
+            )
+
+
+class CatalogCorrupt(Exception):
+    """The catalog file is not a readable SQLite database."""

@@ -11,17 +11,20 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mergebuild import __version__
-from mergebuild.build import BuildOptions, BuildSummary, JsonnetArgs, build, load_spec, verify
-from mergebuild.demo import write_demo_family
+from mergebuild import __version__, freshness
 from mergebuild.errors import MergebuildError
+from mergebuild.spec import JsonnetArgs
+from mergebuild.summary import BuildSummary
+
+if TYPE_CHECKING:
+    from mergebuild.build import BuildOptions
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Build weight-space model merges from Jsonnet specs."
@@ -83,30 +86,50 @@ def _summary_json(summary: BuildSummary) -> str:
 
 
 def _render_summary(summary: BuildSummary) -> None:
-    table = Table(title="plan" if summary.dry_run else "build", title_justify="left")
+    if summary.dry_run:
+        _render_dry_run(summary)
+        return
+    table = Table(title="build", title_justify="left")
     for column in (
         "target",
         "method",
-        "read" if not summary.dry_run else "to read",
+        "read",
+        "reused",
         "merged",
         "copied",
-        "blocks",
+        "expert work",
+        "written",
+        "time",
     ):
         table.add_column(column, justify="left" if column in ("target", "method") else "right")
-    if not summary.dry_run:
-        table.add_column("written", justify="right")
-        table.add_column("time", justify="right")
     for t in summary.targets:
-        row = [t.name, t.method, _size(t.bytes_read if not summary.dry_run else t.bytes_to_read),
-               str(t.tensors_merged), str(t.tensors_copied), str(t.blocks_computed)]  # fmt: skip
-        if not summary.dry_run:
-            row += [_size(t.bytes_written), f"{t.seconds:.2f}s"]
+        if t.up_to_date:
+            table.add_row(t.name, t.method, "0 B", str(t.tensors_reused), "0", "0", "-", "up to date", "-")
+            continue
+        work = f"{t.expert_work_reused} reused, {t.expert_work_computed} new"
+        row = [t.name, t.method, _size(t.bytes_read), str(t.tensors_reused), str(t.tensors_merged),
+               str(t.tensors_copied), work, _size(t.bytes_written), f"{t.seconds:.2f}s"]  # fmt: skip
         table.add_row(*row)
     out.print(table)
-    if not summary.dry_run:
-        for t in summary.targets:
-            out.print(f"wrote {t.output}")
-        out.print(f"locked {summary.lockfile} in {summary.seconds:.2f}s")
+    for t in summary.targets:
+        if t.up_to_date:
+            out.print(f"up to date {t.output}")
+            continue
+        out.print(f"wrote {t.output}" + (f" ({t.reason})" if t.reason else ""))
+        if t.bad_blobs:
+            out.print(f"[yellow]{t.bad_blobs} cache blob(s) failed their digest check: recomputed[/yellow]")
+    out.print(f"locked {summary.lockfile} in {summary.seconds:.2f}s")
+
+
+def _render_dry_run(summary: BuildSummary) -> None:
+    table = Table(title="plan", title_justify="left")
+    for column in ("target", "method", "status", "to read", "merged", "copied"):
+        table.add_column(column, justify="left" if column in ("target", "method", "status") else "right")
+    for t in summary.targets:
+        status = "up to date" if t.up_to_date else t.reason
+        table.add_row(t.name, t.method, status, _size(t.bytes_to_read), str(t.tensors_merged),
+                      str(t.tensors_copied))  # fmt: skip
+    out.print(table)
 
 
 @app.callback()
@@ -141,21 +164,174 @@ def build_command(
     ext_code: ExtCode = [],  # noqa: B006
 ) -> None:
     """Build the spec's targets, publish the outputs and write the lockfile."""
-    options = BuildOptions(
-        cache_dir=_cache_dir(cache_dir),
-        target=target,
-        locked=locked,
-        dry_run=dry_run,
-        force=force,
-        jsonnet=_jsonnet_args(tla_str, tla_code, ext_str, ext_code),
-    )
-    summary = build(spec, options)
+    jsonnet = _jsonnet_args(tla_str, tla_code, ext_str, ext_code)
+    summary = None
+    if not (dry_run or locked):
+        summary = freshness.up_to_date(spec, jsonnet, _cache_dir(cache_dir), target)
+    if summary is None:
+        # torch loads here, not at start-up: an up-to-date build never needs it.
+        from mergebuild.build import BuildOptions, build
+
+        options = BuildOptions(
+            cache_dir=_cache_dir(cache_dir),
+            target=target,
+            locked=locked,
+            dry_run=dry_run,
+            force=force,
+            jsonnet=jsonnet,
+        )
+        summary = build(spec, options)
     if as_json:
         print(_summary_json(summary))
     else:
         _render_summary(summary)
-    if dry_run:
+    if dry_run and any(not t.up_to_date for t in summary.targets):
         raise typer.Exit(1)
+
+
+def _options(cache_dir: Path | None, target: str | None, jsonnet: JsonnetArgs) -> BuildOptions:
+    from mergebuild.build import BuildOptions
+
+    return BuildOptions(cache_dir=_cache_dir(cache_dir), target=target, jsonnet=jsonnet)
+
+
+@app.command("plan")
+def plan_command(
+    spec: SpecArg,
+    target: TargetOpt = None,
+    as_json: JsonOpt = False,
+    cache_dir: CacheOpt = None,
+    tla_str: TlaStr = [],  # noqa: B006
+    tla_code: TlaCode = [],  # noqa: B006
+    ext_str: ExtStr = [],  # noqa: B006
+    ext_code: ExtCode = [],  # noqa: B006
+) -> None:
+    """Say what a build would read (per source), reuse and compute, and under a budget its bound."""
+    from mergebuild.build import plan
+
+    statuses = plan(spec, _options(cache_dir, target, _jsonnet_args(tla_str, tla_code, ext_str, ext_code)))
+    if as_json:
+        print(json.dumps([asdict(s) for s in statuses], default=str, indent=2, sort_keys=True))
+        return
+    for status in statuses:
+        p = status.plan
+        head = "up to date" if status.stale is None else f"to build: {status.stale}"
+        out.print(f"[bold]{status.name}[/bold] ({p.method}) -> {status.output}: {head}")
+        counts = {a: sum(n.action == a for n in p.nodes) for a in ("reuse", "compute", "copy")}
+        work = sum(n.expert_work_reused for n in p.nodes)
+        out.print(
+            f"  tensors: {counts['compute']} to merge, {counts['copy']} to copy, {counts['reuse']} cached; "
+            f"per-expert work reused: {work}"
+        )
+        table = Table(title_justify="left")
+        table.add_column("source")
+        table.add_column("to read", justify="right")
+        for source, nbytes in sorted(p.bytes_by_source().items()):
+            table.add_row(source, _size(nbytes))
+        table.add_row("[bold]total[/bold]", _size(p.bytes_to_read))
+        out.print(table)
+        if p.budget is not None:
+            b = p.budget
+            bound = "unknown" if b.bound is None else f"{b.bound:.6g}"
+            out.print(
+                f"  budget {_size(b.budget_bytes)} of {_size(b.full_bytes)} expert bytes: "
+                f"{_size(b.allocated_bytes)} allocated; bound on the omitted update: {bound}"
+            )
+            budget_table = Table(title_justify="left")
+            for column in ("expert", "allocated", "of", "delta norm kept"):
+                budget_table.add_column(column, justify="left" if column == "expert" else "right")
+            for key, (got, full, kept) in b.experts.items():
+                budget_table.add_row(key, _size(got), _size(full), "?" if kept is None else f"{kept:.1%}")
+            out.print(budget_table)
+            if b.blocks_without_stats:
+                out.print(
+                    f"  {b.blocks_without_stats} block(s) have no statistics yet: ranked by weight only"
+                )
+
+
+@app.command("explain")
+def explain_command(
+    spec: SpecArg,
+    tensor: Annotated[str | None, typer.Argument(help="Explain only this output tensor.")] = None,
+    target: TargetOpt = None,
+    as_json: JsonOpt = False,
+    cache_dir: CacheOpt = None,
+    tla_str: TlaStr = [],  # noqa: B006
+    tla_code: TlaCode = [],  # noqa: B006
+    ext_str: ExtStr = [],  # noqa: B006
+    ext_code: ExtCode = [],  # noqa: B006
+) -> None:
+    """Say, per output tensor, whether it is reused or rebuilt and why (which digest or parameter changed)."""
+    from mergebuild.build import plan
+
+    statuses = plan(spec, _options(cache_dir, target, _jsonnet_args(tla_str, tla_code, ext_str, ext_code)))
+    nodes = [(s.name, n) for s in statuses for n in s.plan.nodes if tensor is None or n.name == tensor]
+    if tensor is not None and not nodes:
+        raise MergebuildError(f"no output tensor {tensor!r}")
+    if as_json:
+        print(json.dumps([{"target": t, **asdict(n)} for t, n in nodes], indent=2, sort_keys=True))
+        return
+    reused = 0
+    for name, node in nodes:
+        if node.action == "reuse" and tensor is None:
+            reused += 1
+            continue
+        read = sum(r.nbytes for r in node.reads)
+        out.print(f"{name}: {escape(node.name)}: {node.action} (reads {_size(read)})")
+        for reason in node.reasons:
+            out.print(f"    because {escape(reason)}")
+        if node.expert_work_reused:
+            out.print(f"    reusing the cached per-expert work of {node.expert_work_reused} model(s)")
+    if reused:
+        out.print(f"{reused} tensor(s) reused from the cache")
+
+
+@app.command("index")
+def index_command(
+    spec: SpecArg,
+    target: TargetOpt = None,
+    cache_dir: CacheOpt = None,
+    tla_str: TlaStr = [],  # noqa: B006
+    tla_code: TlaCode = [],  # noqa: B006
+    ext_str: ExtStr = [],  # noqa: B006
+    ext_code: ExtCode = [],  # noqa: B006
+) -> None:
+    """Hash the spec's sources into the cache and record delta statistics (what a budget plans with)."""
+    from mergebuild.build import index
+
+    read = index(spec, _options(cache_dir, target, _jsonnet_args(tla_str, tla_code, ext_str, ext_code)))
+    out.print(f"indexed: read {_size(read)}")
+
+
+@app.command("gc")
+def gc_command(
+    cache_dir: CacheOpt = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option("--max-size", help="Size cap, e.g. 20GB (default: $MERGEBUILD_CACHE_MAX or 50GiB)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")
+    ] = False,
+) -> None:
+    """Evict least-recently-used cache blobs until the cache fits its size cap."""
+    from mergebuild.cache import Cache, max_cache_bytes
+    from mergebuild.spec import parse_size
+
+    try:
+        cap = parse_size(max_size) if max_size is not None else max_cache_bytes()
+    except ValueError as e:
+        raise MergebuildError(f"--max-size: {e}") from None
+    cache = Cache(_cache_dir(cache_dir))
+    try:
+        report = cache.gc(cap, dry_run=dry_run)
+    finally:
+        cache.close()
+    verb = "would remove" if dry_run else "removed"
+    out.print(
+        f"{verb} {report.removed} blob(s), {_size(report.removed_bytes)}; "
+        f"kept {report.kept}, {_size(report.kept_bytes)} (cap {_size(cap)})"
+    )
 
 
 @app.command("eval")
@@ -167,6 +343,8 @@ def eval_command(
     ext_code: ExtCode = [],  # noqa: B006
 ) -> None:
     """Print the evaluated, validated spec as JSON."""
+    from mergebuild.build import load_spec
+
     loaded = load_spec(spec, _jsonnet_args(tla_str, tla_code, ext_str, ext_code))
     print(json.dumps(loaded.evaluated, indent=2, sort_keys=True))
 
@@ -181,6 +359,8 @@ def verify_command(
     ext_code: ExtCode = [],  # noqa: B006
 ) -> None:
     """Check that each output on disk still matches the lockfile (exit 1 if not)."""
+    from mergebuild.build import verify
+
     results = verify(spec, _jsonnet_args(tla_str, tla_code, ext_str, ext_code), target)
     failed = False
     for result in results:
@@ -201,6 +381,8 @@ def init_demo_command(
     ),
 ) -> None:
     """Generate the demo checkpoint family (a tiny Llama base and three experts)."""
+    from mergebuild.demo import write_demo_family
+
     for path in write_demo_family(directory):
         out.print(f"ready {path}")
 

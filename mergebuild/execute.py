@@ -1,25 +1,45 @@
-"""Execute: read source tensors (hashing them on the way), merge, hand results to a writer.
+"""Execute: build each output tensor from the cache or from its sources, and hand it to a writer.
 
 Output tensors are processed one at a time, so memory holds what one tensor's
 method needs (the task-arithmetic family: the base, one model and a few
 accumulators, whatever the number of models), never a whole model.
+
+For each tensor the executor first learns its inputs' digests: from this
+build, from the catalog (by file stat), or by reading the tensor, which it then
+keeps for the merge so the first build of a checkpoint reads each byte once.
+With the digests it has the node key; a cached result for the key is copied
+out (after its bytes hash as recorded), otherwise the method runs, and its
+per-expert work (sparsified deltas) is itself looked up and cached by key.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import torch
+import xxhash
 
 from mergebuild import rng
-from mergebuild.catalog import BlockGrid, Catalog, FileStat, TensorDigests, TensorHasher
+from mergebuild.cache import Cache, Result
+from mergebuild.catalog import BlockGrid, FileStat, TensorDigests, TensorHasher
 from mergebuild.errors import ExecutionError, InputError
-from mergebuild.graph import CompiledTarget, TensorNode, node_key
+from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_key, node_record
+from mergebuild.methods import sparse_delta
 from mergebuild.methods.base import Scalar
+from mergebuild.methods.sparse_delta import SparseDelta
+from mergebuild.plan import Blocks, TargetPlan
 from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor, read_bytes
+from mergebuild.tensor_checks import all_finite
+
+#: Inputs of one tensor whose digests are unknown are read ahead (and hashed) to
+#: look the node up before computing it, when together they fit in this many bytes.
+HOLD_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -28,6 +48,13 @@ class ReadCounters:
 
     bytes_read: int = 0
     tensors_read: int = 0
+    stale_catalog_rows: int = 0
+    #: Bytes read per source file.
+    by_file: dict[str, int] = field(default_factory=dict)
+
+    def add(self, path: Path, nbytes: int) -> None:
+        self.bytes_read += nbytes
+        self.by_file[str(path)] = self.by_file.get(str(path), 0) + nbytes
 
 
 class SourceReader:
@@ -38,28 +65,103 @@ class SourceReader:
     build never mixes two versions of a source.
     """
 
-    def __init__(self, catalog: Catalog, block_size: int) -> None:
-        self.catalog = catalog
+    def __init__(self, cache: Cache, block_size: int) -> None:
+        self.cache = cache
         self.block_size = block_size
         self.counters = ReadCounters()
         self._digests: dict[tuple[str, str], TensorDigests] = {}
+        self._catalog_digests: dict[tuple[str, str], TensorDigests] = {}
         self._stats: dict[str, FileStat] = {}
+        self._held: dict[tuple[str, str], bytearray] = {}
 
     def grid(self, info: TensorInfo) -> BlockGrid:
         return BlockGrid.for_shape(info.shape, self.block_size)
 
     def stat(self, info: TensorInfo) -> FileStat:
-        """The file's stat as first seen by this build."""
-        key = str(info.path)
+        """The stat of the tensor's file as first seen by this build."""
+        return self.file_stat(info.path)
+
+    def file_stat(self, path: Path) -> FileStat:
+        """A source file's stat as first seen by this build."""
+        key = str(path)
         if key not in self._stats:
             try:
-                self._stats[key] = FileStat.of(info.path)
+                self._stats[key] = FileStat.of(path)
             except OSError as e:
-                raise InputError(f"{info.path}: cannot stat: {e.strerror}") from e
+                raise InputError(f"{path}: cannot stat: {e.strerror}") from e
         return self._stats[key]
 
-    def read(self, info: TensorInfo) -> tuple[torch.Tensor, TensorDigests]:
-        """The tensor in its stored dtype, and its digests."""
+    def known(self, info: TensorInfo) -> TensorDigests | None:
+        """Digests of a tensor from this build or the catalog, without reading it."""
+        key = (str(info.path), info.name)
+        found = self._digests.get(key)
+        if found is None:
+            found = self.cache.catalog.lookup(info, self.grid(info), self.stat(info))
+            if found is not None:
+                self._digests[key] = found
+                self._catalog_digests[key] = found
+        return found
+
+    def digests(self, info: TensorInfo) -> TensorDigests:
+        """Digests of a tensor: known, or (last resort) read and kept for the merge."""
+        return self.known(info) or self.hold(info)
+
+    def hold(self, info: TensorInfo) -> TensorDigests:
+        """Read and hash a tensor now, keeping its bytes for the next `read` of it."""
+        buf, digests = self._read_bytes(info)
+        self._held[(str(info.path), info.name)] = buf
+        return digests
+
+    def release(self) -> None:
+        """Drop tensors held but not used (their node came from the cache)."""
+        self._held.clear()
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor in its stored dtype (held bytes if any, else a fresh read)."""
+        buf = self._held.pop((str(info.path), info.name), None)
+        if buf is None:
+            buf, _ = self._read_bytes(info)
+        return bytes_to_tensor(buf, info.torch_dtype, info.shape)
+
+    def read_block(self, info: TensorInfo, block: int, keep: bool) -> torch.Tensor:
+        """Rows of one block of a tensor whose digests the catalog holds (a budgeted read).
+
+        The block comes from the cache when an earlier budgeted build kept it,
+        else from the file; its bytes must hash to the catalog's block digest.
+        With `keep`, a block read from the file is kept in the cache, so raising
+        the budget later reads only the blocks it adds.
+        """
+        digests = self.known(info)
+        assert digests is not None, "a budget is planned only over tensors the catalog knows"
+        expected = digests.blocks[block].hex()
+        start, end = self.grid(info).ranges()[block]
+        shape = (end - start, *info.shape[1:])
+        cached = self.cache.result(f"block:{expected}")
+        data = self.cache.read(cached) if cached is not None else None
+        if data is not None:
+            return bytes_to_tensor(bytearray(data), info.torch_dtype, shape)
+        before = self.stat(info)
+        try:
+            fd = os.open(info.path, os.O_RDONLY)
+        except OSError as e:
+            raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
+        try:
+            buf = read_bytes(info, start * info.row_bytes, end * info.row_bytes, fd=fd)
+        finally:
+            os.close(fd)
+        if FileStat.of(info.path) != before or xxhash.xxh3_128_hexdigest(buf) != expected:
+            self.cache.catalog.forget_file(info.path)
+            raise ExecutionError(
+                f"{info.path}: tensor {info.name!r} differs from what the catalog recorded for this file; "
+                "its entry was dropped: run `mergebuild index` again (or build without a budget)"
+            )
+        self.counters.add(info.path, len(buf))
+        if keep:
+            digest = self.cache.put(buf)
+            self.cache.record_results([(f"block:{expected}", Result(digest, 0, len(buf), digest))])
+        return bytes_to_tensor(buf, info.torch_dtype, shape)
+
+    def _read_bytes(self, info: TensorInfo) -> tuple[bytearray, TensorDigests]:
         before = self.stat(info)
         hasher = TensorHasher(info, self.grid(info))
         try:
@@ -79,35 +181,61 @@ class SourceReader:
                 f"{info.path}: changed while the build was reading it; nothing was published"
             )
         digests = hasher.digests()
-        self.counters.bytes_read += info.nbytes
+        self.counters.add(info.path, info.nbytes)
         self.counters.tensors_read += 1
         self._remember(info, digests)
-        return bytes_to_tensor(buf, info.torch_dtype, info.shape), digests
-
-    def digests(self, info: TensorInfo) -> TensorDigests:
-        """Digests of a tensor: from this build, the catalog, or (last resort) a read."""
-        known = self._digests.get((str(info.path), info.name))
-        if known is not None:
-            return known
-        cached = self.catalog.lookup(info, self.grid(info), self.stat(info))
-        if cached is not None:
-            self._digests[(str(info.path), info.name)] = cached
-            return cached
-        return self.read(info)[1]
+        return buf, digests
 
     def _remember(self, info: TensorInfo, digests: TensorDigests) -> None:
         key = (str(info.path), info.name)
+        from_catalog = self._catalog_digests.pop(key, None)
         previous = self._digests.get(key)
         if previous is not None and previous.content != digests.content:
-            raise ExecutionError(f"{info.path}: tensor {info.name!r} changed during the build")
+            if from_catalog is None:
+                raise ExecutionError(f"{info.path}: tensor {info.name!r} changed during the build")
+            # The file's stat matched a catalog row that does not describe its bytes
+            # (a corrupt row, or a file rewritten with its old mtime): trust the bytes.
+            self.counters.stale_catalog_rows += 1
         self._digests[key] = digests
-        self.catalog.record(info, self.stat(info), digests)
+        self.cache.catalog.record(info, self.stat(info), digests)
+
+
+Outcome = Literal["reused", "computed", "copied"]
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    """An output tensor as built: its key, its digests, and whether it came from the cache."""
+
+    name: str
+    key: str
+    digests: TensorDigests
+    outcome: Outcome
+
+
+@dataclass
+class ExecutionReport:
+    results: list[TensorResult] = field(default_factory=list)
+    expert_work_reused: int = 0
+    expert_work_computed: int = 0
+    seconds: float = 0.0
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(r.outcome == outcome for r in self.results)
 
 
 class _Context:
     """The TensorContext handed to a method for one node."""
 
-    def __init__(self, node: TensorNode, reader: SourceReader, seed: int) -> None:
+    def __init__(
+        self,
+        node: TensorNode,
+        reader: SourceReader,
+        seed: int,
+        report: ExecutionReport,
+        allocation: tuple[Blocks, ...],
+        with_stats: bool,
+    ) -> None:
         self.name = node.name
         self.shape = node.shape
         self.num_models = len(node.models)
@@ -115,21 +243,41 @@ class _Context:
         self._node = node
         self._reader = reader
         self._seed = seed
+        self._report = report
         self._shared = dict(node.shared)
         self._per_model = [dict(p) for p in node.per_model]
+        self._allocation = allocation or (None,) * len(node.models)
+        self._with_stats = with_stats and node.base is not None
+        self._base: torch.Tensor | None = None
 
     def base(self) -> torch.Tensor:
         assert self._node.base is not None, "method asked for a base the spec does not have"
-        return self._float(self._node.base)
+        self._base = _finite(self._reader.read(self._node.base).to(torch.float32), self._node.base)
+        return self._base
 
     def model(self, i: int) -> torch.Tensor:
-        return self._float(self._node.models[i][1])
+        info = self._node.models[i][1]
+        blocks = self._allocation[i]
+        if blocks is not None:
+            return self._allocated(info, blocks)
+        return _finite(self._reader.read(info).to(torch.float32), info)
 
-    def _float(self, info: TensorInfo) -> torch.Tensor:
-        tensor = self._reader.read(info)[0].to(torch.float32)
-        # A NaN or Inf would spread through every method silently: refuse it.
-        if not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values")
+    def note_delta(self, i: int, delta: torch.Tensor) -> None:
+        # Statistics describe the whole expert: not one a budget cut down.
+        if self._with_stats and self._allocation[i] is None:
+            assert self._node.base is not None
+            _record_stats(self._reader, self._node.base, self._node.models[i][1], delta)
+
+    def _allocated(self, info: TensorInfo, blocks: tuple[int, ...]) -> torch.Tensor:
+        """The expert's tensor as a budget sees it: its allocated blocks, the base's rows elsewhere."""
+        base = self._base if self._base is not None else self.base()
+        tensor = base.clone()
+        rows = tensor.reshape(info.rows, -1) if tensor.dim() else tensor.reshape(1, 1)
+        ranges = self._reader.grid(info).ranges()
+        for b in blocks:
+            start, end = ranges[b]
+            block = self._reader.read_block(info, b, keep=True).to(torch.float32)
+            rows[start:end] = _finite(block, info).reshape(end - start, -1)
         return tensor
 
     def param(self, name: str) -> Scalar:
@@ -143,53 +291,182 @@ class _Context:
         key = rng.stream_key(self._seed, self._reader.digests(info).content, self.name)
         return rng.uniform(key, 0, info.numel).reshape(self.shape)
 
-
-@dataclass(frozen=True)
-class TensorResult:
-    """An output tensor as built: its key, and the digests of its inputs and of itself."""
-
-    name: str
-    key: str
-    digests: TensorDigests
-
-
-@dataclass
-class ExecutionReport:
-    results: list[TensorResult] = field(default_factory=list)
-    merged: int = 0
-    copied: int = 0
-    seconds: float = 0.0
+    def expert_work(
+        self, i: int, recipe: Mapping[str, Scalar | str], compute: Callable[[], SparseDelta]
+    ) -> SparseDelta:
+        assert self._node.base is not None, "per-expert work is a delta against the base"
+        info = self._node.models[i][1]
+        cache = self._reader.cache
+        blocks = self._allocation[i]
+        expert = self._reader.known(info)
+        base = self._reader.known(self._node.base)
+        key = None
+        if expert is not None and base is not None:
+            key = expert_work_key(recipe, self._seed, expert.content, base.content, self.shape, blocks)
+            cached = cache.result(key)
+            data = cache.read(cached) if cached is not None else None
+            if data is not None:
+                self._report.expert_work_reused += 1
+                return sparse_delta.decode(data)
+        sparse = compute()
+        self._report.expert_work_computed += 1
+        if key is None:
+            expert, base = self._reader.digests(info), self._reader.digests(self._node.base)
+            key = expert_work_key(recipe, self._seed, expert.content, base.content, self.shape, blocks)
+        blob = sparse_delta.encode(sparse, info.torch_dtype)
+        digest = cache.put(blob)
+        cache.record_results([(key, Result(digest, 0, len(blob), digest))])
+        return sparse
 
 
 def execute(
     target: CompiledTarget,
+    plan: TargetPlan,
     reader: SourceReader,
     write: Callable[[str, torch.Tensor], TensorDigests],
     on_tensor: Callable[[TensorNode], None] | None = None,
 ) -> ExecutionReport:
-    """Build every node of `target` in order, passing each result to `write`."""
+    """Build every node of `target` in order (with `plan`'s allocation), passing each result to `write`."""
     report = ExecutionReport()
     started = time.perf_counter()
-    for node in target.nodes:
-        if node.action == "copy":
-            assert node.base is not None
-            tensor = reader.read(node.base)[0]
-            if node.dtype != tensor.dtype:
-                tensor = tensor.to(node.dtype)
-            report.copied += 1
-        else:
-            ctx = _Context(node, reader, target.spec.seed)
-            merged = target.method.merge(ctx)
-            if merged.shape != node.shape:
-                raise AssertionError(
-                    f"{target.method.name} returned shape {tuple(merged.shape)} for {node.name}"
-                )
-            tensor = merged.to(node.dtype)
-            report.merged += 1
-        input_digests = tuple(reader.digests(info).content for info in node.inputs)
-        key = node_key(node, target.method, target.spec.seed, input_digests)
-        report.results.append(TensorResult(node.name, key, write(node.name, tensor)))
+    seed = target.spec.seed
+    for node, node_plan in zip(target.nodes, plan.nodes, strict=True):
+        allocation = node_plan.allocation
+        early_key = _key_before_compute(node, target, reader, allocation)
+        tensor = _from_cache(node, reader.cache, early_key) if early_key is not None else None
+        outcome: Outcome = "reused"
+        if tensor is None:
+            tensor = _compute(node, target, reader, report, allocation)
+            outcome = "copied" if node.action == "copy" else "computed"
+        reader.release()
+        record = node_record(node, target.method, seed, _input_digests(node, reader), allocation)
+        key = xxhash.xxh3_128_hexdigest(record.encode())
+        reader.cache.catalog.record_key(key, record)
+        report.results.append(TensorResult(node.name, key, write(node.name, tensor), outcome))
         if on_tensor is not None:
             on_tensor(node)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _input_digests(node: TensorNode, reader: SourceReader) -> tuple[bytes, ...]:
+    return tuple(reader.digests(info).content for info in node.inputs)
+
+
+def _key_before_compute(
+    node: TensorNode, target: CompiledTarget, reader: SourceReader, allocation: tuple[Blocks, ...]
+) -> str | None:
+    """The node's key if its inputs' digests can be had without reading more than HOLD_BYTES."""
+    unknown = [info for info in node.inputs if reader.known(info) is None]
+    if sum(info.nbytes for info in unknown) > HOLD_BYTES:
+        return None
+    for info in unknown:
+        reader.hold(info)
+    return node_key(node, target.method, target.spec.seed, _input_digests(node, reader), allocation)
+
+
+def _from_cache(node: TensorNode, cache: Cache, key: str) -> torch.Tensor | None:
+    """The node's cached output tensor, if its bytes are there and hash as recorded."""
+    found = cache.result(key)
+    data = cache.read(found) if found is not None else None
+    if data is None:
+        return None
+    expected = math.prod(node.shape) * node.dtype.itemsize
+    if len(data) != expected:
+        raise AssertionError(f"cached result for {node.name} has {len(data)} bytes, expected {expected}")
+    return bytes_to_tensor(bytearray(data), node.dtype, node.shape)
+
+
+def _compute(
+    node: TensorNode,
+    target: CompiledTarget,
+    reader: SourceReader,
+    report: ExecutionReport,
+    allocation: tuple[Blocks, ...],
+) -> torch.Tensor:
+    if node.action == "copy":
+        assert node.base is not None
+        tensor = reader.read(node.base)
+        return tensor.to(node.dtype) if node.dtype != tensor.dtype else tensor
+    ctx = _Context(node, reader, target.spec.seed, report, allocation, target.method.budgeted)
+    merged = target.method.merge(ctx)
+    if merged.shape != node.shape:
+        raise AssertionError(f"{target.method.name} returned shape {tuple(merged.shape)} for {node.name}")
+    return merged.to(node.dtype)
+
+
+def _finite(tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    # A NaN or Inf would spread through every method silently: refuse it.
+    if not all_finite(tensor):
+        raise InputError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values")
+    return tensor
+
+
+def _record_stats(reader: SourceReader, base_info: TensorInfo, info: TensorInfo, delta: torch.Tensor) -> None:
+    """Per-block delta statistics (L2 norm, max |delta|) for budgets, when the catalog lacks them.
+
+    Computed from the delta the merge computes anyway, so only the first build
+    of an expert pays for them (two passes over each block).
+    """
+    expert_digests, base_digests = reader.digests(info), reader.digests(base_info)
+    pairs = list(zip(expert_digests.blocks, base_digests.blocks, strict=True))
+    if all(reader.cache.catalog.block_stats(e, b) is not None for e, b in pairs):
+        return
+    stats = block_stats(delta, reader.grid(info))
+    reader.cache.catalog.record_block_stats(
+        [(e, b, l2, mx) for (e, b), (l2, mx) in zip(pairs, stats, strict=True)]
+    )
+
+
+def block_stats(delta: torch.Tensor, grid: BlockGrid) -> list[tuple[float, float]]:
+    """(L2 norm, max |delta|) of each block of `delta` on `grid`."""
+    rows = delta.reshape(grid.rows, -1) if delta.dim() else delta.reshape(1, 1)
+    result = []
+    for start, end in grid.ranges():
+        block = rows[start:end]
+        if block.numel() == 0:
+            result.append((0.0, 0.0))
+            continue
+        low, high = torch.aminmax(block)
+        result.append((float(torch.linalg.vector_norm(block)), max(-float(low), float(high))))
+    return result
+
+
+def index_target(target: CompiledTarget, reader: SourceReader) -> int:
+    """Hash every input tensor the catalog does not know and record delta statistics for budgets.
+
+    Reads each unknown (or un-profiled) tensor once; returns the number of tensors read.
+    """
+    read = 0
+    for node in target.nodes:
+        missing = [info for info in node.inputs if reader.known(info) is None]
+        if node.action != "merge" or node.base is None or not target.method.budgeted:
+            for info in missing:
+                reader.hold(info)
+            reader.release()
+            read += len(missing)
+            continue
+        base: torch.Tensor | None = None
+        for _, info in node.models:
+            if info in missing or not _has_stats(reader, node.base, info):
+                if base is None:
+                    base = _finite(reader.read(node.base).to(torch.float32), node.base)
+                    read += 1
+                model = _finite(reader.read(info).to(torch.float32), info)
+                _record_stats(reader, node.base, info, model - base)
+                read += 1
+        if reader.known(node.base) is None:
+            reader.hold(node.base)
+            read += 1
+        reader.release()
+    return read
+
+
+def _has_stats(reader: SourceReader, base_info: TensorInfo, info: TensorInfo) -> bool:
+    expert, base = reader.known(info), reader.known(base_info)
+    if expert is None or base is None:
+        return False
+    return all(
+        reader.cache.catalog.block_stats(e, b) is not None
+        for e, b in zip(expert.blocks, base.blocks, strict=True)
+    )

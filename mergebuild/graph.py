@@ -13,7 +13,7 @@ key is derived from these and from its inputs' digests (`node_key`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -201,16 +201,18 @@ def _num_layers(reference: ModelSource) -> int:
     return max(found) + 1 if found else 0
 
 
-def node_key(
+def node_record(
     node: TensorNode,
     method: Method,
     seed: int,
     input_digests: tuple[bytes, ...],
+    allocation: tuple[tuple[int, ...] | None, ...] = (),
 ) -> str:
-    """The content key of a node: everything that can change its result.
+    """The canonical record a node's key is the digest of: everything that can change its result.
 
     Operator name and version, canonical parameters, input digests, seed and
     output dtype; scheduling hints (threads, block size, device) stay out.
+    Kept in the catalog so `explain` can say which part of a key changed.
     """
     record = {
         "op": [method.name, method.version] if node.action == "merge" else ["copy", 1],
@@ -221,4 +223,41 @@ def node_key(
         "dtype": str(node.dtype),
         "shape": list(node.shape),
     }
+    if any(blocks is not None for blocks in allocation):
+        # Under a budget: which expert blocks were read (absent at full read, so keys match).
+        record["allocation"] = [None if b is None else list(b) for b in allocation]
+    return canonical_json(record)
+
+
+def node_key(
+    node: TensorNode,
+    method: Method,
+    seed: int,
+    input_digests: tuple[bytes, ...],
+    allocation: tuple[tuple[int, ...] | None, ...] = (),
+) -> str:
+    """The content key of a node: the digest of its record."""
+    return xxhash.xxh3_128_hexdigest(node_record(node, method, seed, input_digests, allocation).encode())
+
+
+def expert_work_key(
+    recipe: Mapping[str, Scalar | str],
+    seed: int,
+    expert: bytes,
+    base: bytes,
+    shape: tuple[int, ...],
+    blocks: tuple[int, ...] | None = None,
+) -> str:
+    """The key of one expert's per-expert work (a sparsified delta): it does not involve the
+    other experts, the weights or lambda, so those can change without recomputing it."""
+    record = {
+        "op": ["expert_work", 1],
+        "recipe": dict(recipe),
+        "seed": seed,
+        "expert": expert.hex(),
+        "base": base.hex(),
+        "shape": list(shape),
+    }
+    if blocks is not None:
+        record["blocks"] = list(blocks)
     return xxhash.xxh3_128_hexdigest(canonical_json(record).encode())

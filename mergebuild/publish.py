@@ -21,24 +21,11 @@ import xxhash
 
 from mergebuild.catalog import BlockGrid, TensorDigests, TensorHasher
 from mergebuild.errors import ExecutionError, InputError
+from mergebuild.freshness import MARKER, side_files
 from mergebuild.safetensors_io import DTYPE_NAMES, TensorInfo, header_for
 
-MARKER = ".mergebuild"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-#: Files copied from the reference model's directory (or the spec's tokenizer source).
-CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 @dataclass(frozen=True)
@@ -92,6 +79,8 @@ class OutputWriter:
         self._file_hash = xxhash.xxh3_128()
         self._files: list[OutputFile] = []
         self._shard = -1
+        #: Where each tensor's bytes sit: name -> (file name, offset in the file, length).
+        self.placements: dict[str, tuple[str, int, int]] = {}
 
     def _open_shard(self, index: int) -> None:
         self._close_shard()
@@ -128,6 +117,8 @@ class OutputWriter:
         info = TensorInfo(name, Path(), DTYPE_NAMES[dtype], shape, 0, len(data))
         hasher = TensorHasher(info, BlockGrid.for_shape(shape, self._block_size))
         hasher.update(data)
+        assert self._file is not None
+        self.placements[name] = (self._names[shard], self._file.tell(), len(data))
         self._emit(data)
         self._next += 1
         return hasher.digests()
@@ -178,25 +169,22 @@ def check_output_path(output: Path, force: bool) -> None:
 
 def staging_dir(output: Path) -> Path:
     """A fresh staging directory beside the output (same filesystem, so rename is atomic)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as e:
+        raise InputError(f"{output}: cannot create the output directory: {e.strerror or e}") from e
     return staging
 
 
 def copy_side_files(staging: Path, model_dir: Path | None, tokenizer_dir: Path | None) -> list[OutputFile]:
     """Copy config and tokenizer files into the staging directory."""
     copied: list[OutputFile] = []
-    sources = [(model_dir, CONFIG_FILES), (tokenizer_dir or model_dir, TOKENIZER_FILES)]
-    for directory, names in sources:
-        if directory is None:
-            continue
-        for name in names:
-            src = directory / name
-            if src.is_file() and not src.is_symlink():
-                data = src.read_bytes()
-                write_file(staging / name, data)
-                copied.append(OutputFile(name, len(data), xxhash.xxh3_128_hexdigest(data)))
+    for name, src in side_files(model_dir, tokenizer_dir).items():
+        data = src.read_bytes()
+        write_file(staging / name, data)
+        copied.append(OutputFile(name, len(data), xxhash.xxh3_128_hexdigest(data)))
     return copied
 
 

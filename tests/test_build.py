@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mergebuild import build as build_module
 from mergebuild.build import BuildOptions, JsonnetArgs, build, verify
-from mergebuild.errors import InputError, LockMismatch
+from mergebuild.errors import ExecutionError, InputError, LockMismatch
 from mergebuild.lockfile import lock_path
 from mergebuild.publish import MARKER
 from tests.conftest import write_spec
@@ -217,16 +217,16 @@ def test_failed_build_publishes_nothing(
     spec = write_spec(tmp_path / "s.json", ties_spec(llama, tmp_path / "out"))
     real = build_module.execute
 
-    def failing(target, reader, write, on_tensor=None):  # type: ignore[no-untyped-def]
+    def failing(target, plan, reader, write, on_tensor=None):  # type: ignore[no-untyped-def]
         def write_then_fail(name: str, tensor: torch.Tensor):  # type: ignore[no-untyped-def]
             if name.startswith("model.layers.2"):
                 raise OSError(28, "No space left on device")
             return write(name, tensor)
 
-        return real(target, reader, write_then_fail, on_tensor)
+        return real(target, plan, reader, write_then_fail, on_tensor)
 
     monkeypatch.setattr(build_module, "execute", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(ExecutionError, match="No space left on device"):
         build(spec, options(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "s.json"]
 

@@ -95,4 +95,4 @@ def test_catalog_of_another_schema_version_is_rebuilt(tmp_path: Path, version: i
     con.close()
     Catalog(db).close()
     tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"files", "tensors"}
+    assert tables == {"files", "tensors", "stats", "blobs", "results", "records", "published"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,12 @@ def test_demo_builds_from_nothing_and_replays_locked(tmp_path: Path) -> None:
     assert (
         json.loads(lock)["targets"] == json.loads((REPO / "specs" / "demo.lock.json").read_text())["targets"]
     )
+    null = run("build", specs / "demo.jsonnet", "--json", cwd=tmp_path)
+    assert null.returncode == 0, null.stderr
+    assert json.loads(null.stdout)["targets"][0]["up_to_date"]
+    # Another machine: no output, no cache. --locked rebuilds from the sources and reproduces the lock.
+    shutil.rmtree(tmp_path / "out")
+    shutil.rmtree(tmp_path / "cache")
     again = run("build", specs / "demo.jsonnet", "--locked", "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)

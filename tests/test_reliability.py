@@ -490,11 +490,6 @@ def test_full_disk_publishes_nothing_and_a_later_build_recovers(disk_full: DiskF
     assert disk_full.rebuilt == disk_full.clean
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EFBIG/ENOSPC from the output writer (and sqlite's 'disk I/O error' from the catalog) escape "
-    "as OSError/sqlite3.OperationalError: traceback and exit 1 instead of an ExecutionError (exit 3)",
-)
 def test_full_disk_is_a_one_line_execution_error(disk_full: DiskFullRun) -> None:
     stderr = disk_full.result.stderr
     assert disk_full.result.returncode in (2, 3), stderr
@@ -531,11 +526,6 @@ def test_output_that_cannot_be_created_publishes_nothing(tmp_path: Path, how: st
     assert cannot_create_output(tmp_path, how).returncode != 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="staging_dir()'s mkdir raises FileExistsError/PermissionError: traceback and exit 1 "
-    "instead of a one-line error",
-)
 @pytest.mark.parametrize("how", CANNOT_CREATE)
 def test_output_that_cannot_be_created_is_a_one_line_error(tmp_path: Path, how: str) -> None:
     result = cannot_create_output(tmp_path, how)

@@ -11,10 +11,14 @@ float32; the executor casts it to the output dtype once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from mergebuild.methods.sparse_delta import SparseDelta
 
 Scalar = float | int | bool
 
@@ -91,6 +95,22 @@ class TensorContext(Protocol):
         """
         ...
 
+    def note_delta(self, i: int, delta: torch.Tensor) -> None:
+        """Show the executor model i's whole delta against the base (float32), which a method
+        that computes it anyway passes on: the executor keeps block statistics of it for budgets."""
+        ...
+
+    def expert_work(
+        self, i: int, recipe: Mapping[str, Scalar | str], compute: Callable[[], SparseDelta]
+    ) -> SparseDelta:
+        """Model i's per-expert result (a sparsified delta against the base).
+
+        `recipe` is everything besides the expert's and the base's tensors that
+        decides it. The executor returns the cached result of the same recipe on
+        the same tensors (and seed), or calls `compute` and caches what it returns.
+        """
+        ...
+
 
 class Method(ABC):
     """A merge method: a name, its parameters, and how it merges one tensor."""
@@ -102,6 +122,9 @@ class Method(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     params: ClassVar[tuple[ParamSpec, ...]] = ()
+    #: Whether a read budget applies: the method adds per-expert deltas against a base,
+    #: so an unread expert block can stand for a zero delta.
+    budgeted: ClassVar[bool] = False
 
     @abstractmethod
     def merge(self, ctx: TensorContext) -> torch.Tensor:
@@ -110,6 +133,13 @@ class Method(ABC):
     def check_params(self, shared: dict[str, Scalar], per_model: list[dict[str, Scalar]]) -> str | None:
         """Return why a combination of resolved values is invalid (beyond each
         parameter's own bounds), or None. Called once per tensor at compile time."""
+        return None
+
+    def expert_recipe(
+        self, param: Callable[[str], Scalar], model_param: Callable[[str], Scalar]
+    ) -> dict[str, Scalar | str] | None:
+        """The recipe of a model's per-expert work (see `TensorContext.expert_work`), given
+        its resolved parameters; None when the method does no per-expert work for it."""
         return None
 
     def param_spec(self, name: str) -> ParamSpec | None:

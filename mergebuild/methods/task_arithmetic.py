@@ -12,6 +12,7 @@ time into a handful of accumulators, and the consensus is resolved at the end
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -19,6 +20,7 @@ import torch
 
 from mergebuild.methods import sparsify
 from mergebuild.methods.base import INT8_MASK, WEIGHT, Method, ParamSpec, Scalar, TensorContext
+from mergebuild.methods.sparse_delta import SparseDelta, kept_delta, l1_factor
 
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della"]
 
@@ -42,6 +44,7 @@ class _Fold:
 class TaskArithmeticFamily(Method):
     """One member of the family, fixed by its consensus, sparsifier and defaults."""
 
+    budgeted = True
     consensus: ClassVar[bool] = False
     sparsifier: ClassVar[Sparsifier | None] = None
     default_normalize: ClassVar[bool] = False
@@ -72,22 +75,57 @@ class TaskArithmeticFamily(Method):
                 return f"della needs density ± epsilon inside (0, 1), got {density} ± {epsilon}"
         return None
 
-    def sparsified_delta(self, ctx: TensorContext, i: int, delta: torch.Tensor) -> torch.Tensor:
-        """Model i's delta after sparsification (and L1 rescale when enabled)."""
-        density = float(ctx.model_param(i, "density"))
-        if self.sparsifier is None or density >= 1 or delta.numel() == 0:
-            return delta
+    def expert_recipe(
+        self, param: Callable[[str], Scalar], model_param: Callable[[str], Scalar]
+    ) -> dict[str, Scalar | str] | None:
+        """Everything besides the expert and base tensors that decides a model's sparse delta;
+        None when the model's delta is used whole (no per-expert work to cache)."""
+        density = float(model_param("density"))
+        if self.sparsifier is None or density >= 1:
+            return None
+        recipe: dict[str, Scalar | str] = {
+            "sparsifier": self.sparsifier,
+            "density": density,
+            "rescale": bool(param("rescale")),
+        }
+        if self.sparsifier == "magnitude_outliers":
+            recipe["gamma"] = float(model_param("gamma"))
+        if self.sparsifier == "della":
+            recipe["epsilon"] = float(model_param("epsilon"))
+        return recipe
+
+    def weighted_delta(self, ctx: TensorContext, i: int, base: torch.Tensor) -> torch.Tensor:
+        """Model i's delta, sparsified (and L1-rescaled) when the method says so, times its weight."""
+        weight = torch.tensor(float(ctx.model_param(i, "weight")), dtype=torch.float32)
+        recipe = self.expert_recipe(ctx.param, lambda name: ctx.model_param(i, name))
+        if recipe is None or base.numel() == 0:
+            delta = ctx.model(i) - base
+            ctx.note_delta(i, delta)
+            return delta * weight
+        density = float(recipe["density"])
+        fresh: list[torch.Tensor] = []
+
+        def compute() -> SparseDelta:
+            model = ctx.model(i)
+            delta = model - base
+            ctx.note_delta(i, delta)
+            mask = self._mask(ctx, i, delta, density)
+            kept = kept_delta(mask, model, base, None)
+            factor = l1_factor(delta, kept) if recipe["rescale"] else None
+            fresh.append(kept * factor if factor is not None else kept)
+            return SparseDelta(mask, model[mask], factor)
+
+        sparse = ctx.expert_work(i, recipe, compute)
+        return (fresh[0] if fresh else sparse.delta(base)) * weight
+
+    def _mask(self, ctx: TensorContext, i: int, delta: torch.Tensor, density: float) -> torch.Tensor:
         if self.sparsifier == "magnitude":
-            mask = sparsify.magnitude(delta, density)
-        elif self.sparsifier == "magnitude_outliers":
-            mask = sparsify.magnitude_outliers(delta, density, float(ctx.model_param(i, "gamma")))
-        elif self.sparsifier == "random":
-            mask = sparsify.random(ctx.uniform(i), density)
-        else:
-            epsilon = float(ctx.model_param(i, "epsilon"))
-            mask = sparsify.della(delta, ctx.uniform(i), density, epsilon)
-        kept = delta * mask
-        return sparsify.rescale_l1(delta, kept) if ctx.param("rescale") else kept
+            return sparsify.magnitude(delta, density)
+        if self.sparsifier == "magnitude_outliers":
+            return sparsify.magnitude_outliers(delta, density, float(ctx.model_param(i, "gamma")))
+        if self.sparsifier == "random":
+            return sparsify.random(ctx.uniform(i), density)
+        return sparsify.della(delta, ctx.uniform(i), density, float(ctx.model_param(i, "epsilon")))
 
     def merge(self, ctx: TensorContext) -> torch.Tensor:
         base = ctx.base()
@@ -97,7 +135,7 @@ class TaskArithmeticFamily(Method):
         weight_sum = torch.zeros((), dtype=torch.float32)
         for i in range(ctx.num_models):
             weight = torch.tensor(float(ctx.model_param(i, "weight")), dtype=torch.float32)
-            weighted = self.sparsified_delta(ctx, i, ctx.model(i) - base) * weight
+            weighted = self.weighted_delta(ctx, i, base)
             weight_sum += weight
             fold = self._add(fold, weighted, weight)
         assert fold is not None

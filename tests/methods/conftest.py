@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ import torch
 from mergebuild import rng
 from mergebuild.methods import get_method
 from mergebuild.methods.base import Method, Scalar
+from mergebuild.methods.sparse_delta import SparseDelta
 
 #: The tensor name every fake context uses unless told otherwise.
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -94,6 +95,14 @@ class FakeContext:
         if name in self.per_model[i]:
             return self.per_model[i][name]
         return self.param(name)
+
+    def note_delta(self, i: int, delta: torch.Tensor) -> None:
+        assert delta.shape == self.shape and delta.dtype == torch.float32
+
+    def expert_work(
+        self, i: int, recipe: Mapping[str, Scalar | str], compute: Callable[[], SparseDelta]
+    ) -> SparseDelta:
+        return compute()
 
     def uniform(self, i: int) -> torch.Tensor:
         key = rng.stream_key(self.seed, digest(i), self.name)
