@@ -146,6 +146,8 @@ class SourceReader:
         except OSError as e:
             raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
         try:
+            # No readahead: a budget counts the bytes taken from disk, not just those asked for.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             buf = read_bytes(info, start * info.row_bytes, end * info.row_bytes, fd=fd)
         finally:
             os.close(fd)
@@ -246,6 +248,7 @@ class _Context:
         self._report = report
         self._shared = dict(node.shared)
         self._per_model = [dict(p) for p in node.per_model]
+        self._by_block = bool(allocation)
         self._allocation = allocation or (None,) * len(node.models)
         self._with_stats = with_stats and node.base is not None
         self._base: torch.Tensor | None = None
@@ -258,6 +261,9 @@ class _Context:
     def model(self, i: int) -> torch.Tensor:
         info = self._node.models[i][1]
         blocks = self._allocation[i]
+        if blocks is None and self._by_block:
+            # Under a budget even a whole tensor goes block by block, through the block cache.
+            blocks = tuple(range(len(self._reader.grid(info).ranges())))
         if blocks is not None:
             return self._allocated(info, blocks)
         return _finite(self._reader.read(info).to(torch.float32), info)

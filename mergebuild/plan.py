@@ -34,6 +34,8 @@ from mergebuild.errors import InputError, LockMismatch
 from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_record
 from mergebuild.safetensors_io import TensorInfo
 
+#: The unit of disk reads a budget is counted in.
+PAGE = 4096
 #: Blocks of one expert's tensor taken by the plan; None: the whole tensor.
 Blocks = tuple[int, ...] | None
 NodeAction = Literal["reuse", "compute", "copy"]
@@ -282,10 +284,13 @@ def _allocate(
     budget = target.spec.budget
     if budget is None:
         return {}, None, {}
-    units = list(_units(target, cache, known, labels))
+    units = list(_units(target, cache, known, labels, valued=False))
     full = sum(u.nbytes for u in units)
     limit = full if budget.fraction == 1 else (
         int(full * budget.fraction) if budget.fraction is not None else int(budget.bytes or 0))  # fmt: skip
+    if limit < full and locked is None:
+        # Only a budget that leaves blocks out needs to know what they are worth.
+        units = list(_units(target, cache, known, labels, valued=True))
     model_keys = [labels[str(m.path)] for m in target.models]
     taken = _replay(units, model_keys, locked) if locked is not None else _greedy(units, limit)
     allocation: dict[str, list[list[int]]] = {}
@@ -308,15 +313,16 @@ def _allocate(
 
 
 def _units(
-    target: CompiledTarget, cache: Cache, known: DigestLookup, labels: dict[str, str]
+    target: CompiledTarget, cache: Cache, known: DigestLookup, labels: dict[str, str], valued: bool
 ) -> Iterable[_Unit]:
+    """Every expert block of the target; with `valued`, each with its delta norm from the catalog."""
     for node in target.nodes:
         if node.action != "merge" or node.base is None:
             continue
-        base = known(node.base)
+        base = known(node.base) if valued else None
         for position, (model, info) in enumerate(node.models):
-            expert = known(info)
-            if expert is None or base is None:
+            expert = known(info) if valued else None
+            if valued and (expert is None or base is None):
                 raise InputError(
                     f"budget: {labels[str(target.models[model].path)]} is not in the catalog yet, so its "
                     "blocks cannot be valued without reading them; run `mergebuild index` on the spec "
@@ -325,9 +331,19 @@ def _units(
             weight = abs(float(dict(node.per_model[position])["weight"]))
             ranges = BlockGrid.for_shape(info.shape, target.spec.block_size).ranges()
             for b, (start, end) in enumerate(ranges):
-                stats = cache.catalog.block_stats(expert.blocks[b], base.blocks[b])
-                yield _Unit(model, node.name, b, (end - start) * info.row_bytes, weight,
-                            None if stats is None else stats[0])  # fmt: skip
+                norm = None
+                if expert is not None and base is not None:
+                    stats = cache.catalog.block_stats(expert.blocks[b], base.blocks[b])
+                    norm = None if stats is None else stats[0]
+                nbytes = _disk_bytes(info, start * info.row_bytes, end * info.row_bytes)
+                yield _Unit(model, node.name, b, nbytes, weight, norm)
+
+
+def _disk_bytes(info: TensorInfo, start: int, end: int) -> int:
+    """What reading bytes [start, end) of a tensor costs from disk: whole pages."""
+    first = (info.start + start) // PAGE * PAGE
+    last = -(-(info.start + end) // PAGE) * PAGE
+    return last - first if end > start else 0
 
 
 def _greedy(units: list[_Unit], limit: int) -> set[tuple[int, str, int]]:
@@ -389,9 +405,9 @@ def _report(
     for u in units:
         if (u.model, u.tensor, u.block) in taken:
             continue
-        if u.norm is None:
+        if u.norm is None and u.nbytes:
             bound = None
-        elif bound is not None:
+        elif bound is not None and u.norm is not None:
             bound += u.weight * u.norm
     allocated = sum(u.nbytes for u in units if (u.model, u.tensor, u.block) in taken)
     missing = sum(u.norm is None for u in units)
