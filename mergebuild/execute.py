@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from mergebuild.tensor_checks import all_finite
 #: Inputs of one tensor whose digests are unknown are read ahead (and hashed) to
 #: look the node up before computing it, when together they fit in this many bytes.
 HOLD_BYTES = 512 * 2**20
+#: Read-ahead kept in memory at most (tensors for the nodes after the current one).
+READ_AHEAD_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -55,6 +58,111 @@ class ReadCounters:
     def add(self, path: Path, nbytes: int) -> None:
         self.bytes_read += nbytes
         self.by_file[str(path)] = self.by_file.get(str(path), 0) + nbytes
+
+
+class ReadAhead:
+    """A thread that reads (and hashes) the tensors the plan says the next nodes need.
+
+    Reads release the GIL, so on two cores the disk and the arithmetic overlap.
+    At most `max_bytes` of read-ahead sit in memory; the executor takes each
+    tensor in order, and whatever a node did not use is dropped when it is done.
+    """
+
+    def __init__(self, jobs: list[list[TensorInfo]], block_size: int, max_bytes: int) -> None:
+        self._jobs = jobs
+        self._block_size = block_size
+        self._max_bytes = max_bytes
+        self._ready: dict[tuple[int, str, str], tuple[bytearray, TensorDigests, FileStat, FileStat]] = {}
+        self._held_bytes = 0
+        self._done_through = -1
+        self._error: BaseException | None = None
+        self._stop = False
+        #: How many takes are waiting: the cap then yields, so a method's read order never deadlocks.
+        self._waiting = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="mergebuild-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for index, infos in enumerate(self._jobs):
+                for info in infos:
+                    with self._cond:
+                        while (
+                            not self._stop
+                            and not self._waiting
+                            and self._held_bytes
+                            and self._held_bytes + info.nbytes > self._max_bytes
+                        ):
+                            self._cond.wait()
+                        if self._stop:
+                            return
+                        if index <= self._done_through:
+                            break
+                    item = _read_hashed(info, self._block_size)
+                    with self._cond:
+                        self._ready[(index, str(info.path), info.name)] = item
+                        self._held_bytes += info.nbytes
+                        self._cond.notify_all()
+        except BaseException as e:  # handed to the executor, which raises it
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+
+    def take(
+        self, index: int, info: TensorInfo
+    ) -> tuple[bytearray, TensorDigests, FileStat, FileStat] | None:
+        """The read-ahead of `info` for node `index`, waiting for it; None if it was not planned."""
+        if info not in self._jobs[index]:
+            return None
+        key = (index, str(info.path), info.name)
+        with self._cond:
+            self._waiting += 1
+            self._cond.notify_all()
+            while key not in self._ready and self._error is None:
+                self._cond.wait()
+            self._waiting -= 1
+            if self._error is not None:
+                raise self._error
+            item = self._ready.pop(key)
+            self._held_bytes -= info.nbytes
+            self._cond.notify_all()
+            return item
+
+    def done(self, index: int) -> None:
+        """Node `index` is finished: drop its unused read-ahead (and skip any not yet read)."""
+        with self._cond:
+            self._done_through = index
+            for key in [k for k in self._ready if k[0] <= index]:
+                buf = self._ready.pop(key)[0]
+                self._held_bytes -= len(buf)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._ready.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+
+def _read_hashed(info: TensorInfo, block_size: int) -> tuple[bytearray, TensorDigests, FileStat, FileStat]:
+    """A tensor's bytes and digests, with its file's stat before and after the read."""
+    try:
+        before = FileStat.of(info.path)
+        fd = os.open(info.path, os.O_RDONLY)
+    except OSError as e:
+        raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
+    hasher = TensorHasher(info, BlockGrid.for_shape(info.shape, block_size))
+    try:
+        buf = read_bytes(info, 0, info.nbytes, fd=fd, on_chunk=hasher.update)
+    except InputError as e:
+        # The header was checked against the file's size when it was opened:
+        # a short read now means the file changed under the build.
+        raise ExecutionError(f"{e} (changed during build?)") from e
+    finally:
+        os.close(fd)
+    return buf, hasher.digests(), before, FileStat.of(info.path)
 
 
 class SourceReader:
@@ -73,6 +181,9 @@ class SourceReader:
         self._catalog_digests: dict[tuple[str, str], TensorDigests] = {}
         self._stats: dict[str, FileStat] = {}
         self._held: dict[tuple[str, str], bytearray] = {}
+        #: Set by the executor: the read-ahead thread and the node being built.
+        self.read_ahead: ReadAhead | None = None
+        self.node_index = 0
 
     def grid(self, info: TensorInfo) -> BlockGrid:
         return BlockGrid.for_shape(info.shape, self.block_size)
@@ -164,25 +275,13 @@ class SourceReader:
         return bytes_to_tensor(buf, info.torch_dtype, shape)
 
     def _read_bytes(self, info: TensorInfo) -> tuple[bytearray, TensorDigests]:
-        before = self.stat(info)
-        hasher = TensorHasher(info, self.grid(info))
-        try:
-            fd = os.open(info.path, os.O_RDONLY)
-        except OSError as e:
-            raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
-        try:
-            buf = read_bytes(info, 0, info.nbytes, fd=fd, on_chunk=hasher.update)
-        except InputError as e:
-            # The header was checked against the file's size when it was opened:
-            # a short read now means the file changed under the build.
-            raise ExecutionError(f"{e} (changed during build?)") from e
-        finally:
-            os.close(fd)
-        if FileStat.of(info.path) != before:
+        first_seen = self.stat(info)
+        item = self.read_ahead.take(self.node_index, info) if self.read_ahead is not None else None
+        buf, digests, before, after = item if item is not None else _read_hashed(info, self.block_size)
+        if before != first_seen or after != first_seen:
             raise ExecutionError(
                 f"{info.path}: changed while the build was reading it; nothing was published"
             )
-        digests = hasher.digests()
         self.counters.add(info.path, info.nbytes)
         self.counters.tensors_read += 1
         self._remember(info, digests)
@@ -335,8 +434,31 @@ def execute(
     """Build every node of `target` in order (with `plan`'s allocation), passing each result to `write`."""
     report = ExecutionReport()
     started = time.perf_counter()
+    jobs = [
+        [node.inputs[r.position] for r in p.reads if r.whole]
+        for node, p in zip(target.nodes, plan.nodes, strict=True)
+    ]
+    reader.read_ahead = ReadAhead(jobs, reader.block_size, READ_AHEAD_BYTES)
+    try:
+        _execute_nodes(target, plan, reader, write, on_tensor, report)
+    finally:
+        reader.read_ahead.close()
+        reader.read_ahead = None
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _execute_nodes(
+    target: CompiledTarget,
+    plan: TargetPlan,
+    reader: SourceReader,
+    write: Callable[[str, torch.Tensor], TensorDigests],
+    on_tensor: Callable[[TensorNode], None] | None,
+    report: ExecutionReport,
+) -> None:
     seed = target.spec.seed
-    for node, node_plan in zip(target.nodes, plan.nodes, strict=True):
+    for index, (node, node_plan) in enumerate(zip(target.nodes, plan.nodes, strict=True)):
+        reader.node_index = index
         allocation = node_plan.allocation
         early_key = _key_before_compute(node, target, reader, allocation)
         tensor = _from_cache(node, reader.cache, early_key) if early_key is not None else None
@@ -349,10 +471,10 @@ def execute(
         key = xxhash.xxh3_128_hexdigest(record.encode())
         reader.cache.catalog.record_key(key, record)
         report.results.append(TensorResult(node.name, key, write(node.name, tensor), outcome))
+        assert reader.read_ahead is not None
+        reader.read_ahead.done(index)
         if on_tensor is not None:
             on_tensor(node)
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _input_digests(node: TensorNode, reader: SourceReader) -> tuple[bytes, ...]:

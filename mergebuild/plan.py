@@ -49,6 +49,10 @@ class InputRead:
     tensor: str
     nbytes: int
     why: str
+    #: The input's position in the node's inputs (base first).
+    position: int
+    #: Whether the whole tensor is read (not a budget's blocks).
+    whole: bool
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,9 @@ def _plan_node(
                     reused += 1
                     continue
         if nbytes:
-            reads.append(InputRead(label[position], node.name, nbytes, why))
+            # Under a budget, models are read block by block (through the block cache).
+            whole = not (model >= 0 and node.action == "merge" and allocation)
+            reads.append(InputRead(label[position], node.name, nbytes, why, position, whole))
     return NodePlan(node.name, action, key, reasons, tuple(reads), allocation, reused)
 
 

@@ -148,28 +148,27 @@ class TaskArithmeticFamily(Method):
         return base + mixed
 
     def _add(self, fold: _Fold | None, weighted: torch.Tensor, weight: torch.Tensor) -> _Fold:
-        zero = torch.zeros_like(weighted)
         if not self.consensus:
             if fold is None:
                 return _Fold(total=weighted.clone())
             fold.total += weighted
             return fold
-        positive, negative = weighted > 0, weighted < 0
         if fold is None:
             fold = _Fold(
-                total=zero.clone(),
-                pos=zero.clone(),
-                neg=zero.clone(),
-                pos_weight=zero.clone(),
-                neg_weight=zero.clone(),
+                total=torch.zeros_like(weighted),
+                pos=torch.zeros_like(weighted),
+                neg=torch.zeros_like(weighted),
+                pos_weight=torch.zeros_like(weighted),
+                neg_weight=torch.zeros_like(weighted),
             )
         assert fold.pos is not None and fold.neg is not None
         assert fold.pos_weight is not None and fold.neg_weight is not None
         fold.total += weighted
-        fold.pos += torch.where(positive, weighted, zero)
-        fold.neg += torch.where(negative, weighted, zero)
-        fold.pos_weight += positive * weight
-        fold.neg_weight += negative * weight
+        # clamp keeps a value or gives +0, as where(sign, value, 0) would: same sums, fewer passes.
+        fold.pos += weighted.clamp(min=0)
+        fold.neg += weighted.clamp(max=0)
+        fold.pos_weight.add_(weighted > 0, alpha=float(weight))
+        fold.neg_weight.add_(weighted < 0, alpha=float(weight))
         return fold
 
     def _resolve(self, fold: _Fold, weight_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
