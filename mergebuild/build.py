@@ -16,7 +16,7 @@ import xxhash
 
 from mergebuild import freshness, lockfile
 from mergebuild import spec as spec_module
-from mergebuild.cache import Cache, Result
+from mergebuild.cache import Cache, Result, exclusive
 from mergebuild.catalog import FileStat
 from mergebuild.errors import ExecutionError, InputError, LockMismatch, SpecError
 from mergebuild.execute import ExecutionReport, SourceReader, execute, index_target
@@ -31,7 +31,7 @@ from mergebuild.publish import (
     publish,
     staging_dir,
 )
-from mergebuild.sources import ModelSource
+from mergebuild.sources import CONVERTED_DIR, ModelSource
 from mergebuild.spec import JsonnetArgs, Spec
 from mergebuild.summary import BuildSummary, TargetSummary
 
@@ -44,6 +44,10 @@ class BuildOptions:
     dry_run: bool = False
     force: bool = False
     jsonnet: JsonnetArgs = field(default_factory=JsonnetArgs)
+    #: Load pickle checkpoints (weights only, converted once to safetensors in the cache).
+    allow_pickle: bool = False
+    #: Told when the build has to wait for another build of the same spec.
+    on_wait: Callable[[str], None] | None = None
 
 
 def load_spec(path: Path, args: JsonnetArgs) -> Spec:
@@ -64,13 +68,14 @@ def _selected(spec: Spec, target: str | None) -> list[str]:
     return [target]
 
 
-def _opener() -> Callable[[Path], ModelSource]:
+def _opener(options: BuildOptions) -> Callable[[Path], ModelSource]:
     """Open each source once per build, however many targets use it."""
     opened: dict[Path, ModelSource] = {}
+    converted = options.cache_dir / CONVERTED_DIR
 
     def open_source(path: Path) -> ModelSource:
         if path not in opened:
-            opened[path] = ModelSource.open(path)
+            opened[path] = ModelSource.open(path, allow_pickle=options.allow_pickle, convert_dir=converted)
         return opened[path]
 
     return open_source
@@ -81,11 +86,18 @@ def build(spec_path: Path, options: BuildOptions) -> BuildSummary:
     started = time.perf_counter()
     spec = load_spec(spec_path, options.jsonnet)
     lock_file = lockfile.lock_path(spec.path)
+    if options.dry_run:
+        return _build(spec, options, lock_file, started)
+    with exclusive(options.cache_dir, str(spec.path), options.on_wait):
+        return _build(spec, options, lock_file, started)
+
+
+def _build(spec: Spec, options: BuildOptions, lock_file: Path, started: float) -> BuildSummary:
     previous = lockfile.read_lock(lock_file)
     if options.locked:
         _check_locked_spec(spec, previous, lock_file)
     summary = BuildSummary(spec=spec.path, lockfile=lock_file, dry_run=options.dry_run)
-    open_source = _opener()
+    open_source = _opener(options)
     compiled = [compile_target(spec, name, open_source) for name in _selected(spec, options.target)]
     lock = lockfile.new_lock(spec.digest, spec.imports)
     if previous is not None and options.target is not None:
@@ -349,7 +361,7 @@ def plan(spec_path: Path, options: BuildOptions) -> list[TargetStatus]:
     """Plan every selected target without reading tensor bytes or writing anything."""
     spec = load_spec(spec_path, options.jsonnet)
     previous = lockfile.read_lock(lockfile.lock_path(spec.path))
-    open_source = _opener()
+    open_source = _opener(options)
     statuses = []
     cache = Cache(options.cache_dir)
     try:
@@ -370,7 +382,7 @@ def index(spec_path: Path, options: BuildOptions) -> int:
     Returns the bytes read (zero when the catalog already knows everything).
     """
     spec = load_spec(spec_path, options.jsonnet)
-    open_source = _opener()
+    open_source = _opener(options)
     cache = Cache(options.cache_dir)
     try:
         read = 0

@@ -13,9 +13,12 @@ the next build reads reused output tensors straight out of them.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,3 +222,22 @@ def max_cache_bytes() -> int:
 
     raw = os.environ.get("MERGEBUILD_CACHE_MAX")
     return parse_size(raw) if raw else DEFAULT_MAX_BYTES
+
+
+@contextmanager
+def exclusive(root: Path, name: str, on_wait: Callable[[str], None] | None) -> Iterator[None]:
+    """Hold an exclusive lock named `name` (a spec's path) under the cache, waiting if another
+    process holds it: two builds of one spec never interleave their lockfile updates."""
+    locks = root / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"{xxhash.xxh3_64_hexdigest(name.encode())}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(f"another build of {name} is running; waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -156,6 +156,13 @@ def build_command(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an output directory mergebuild did not make.")
     ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Load .bin/.pt checkpoints with torch's weights-only unpickler (converted once, cached).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
     tla_str: TlaStr = [],  # noqa: B006 - typer reads the default
@@ -179,6 +186,8 @@ def build_command(
             dry_run=dry_run,
             force=force,
             jsonnet=jsonnet,
+            allow_pickle=allow_pickle,
+            on_wait=lambda message: err.print(message, highlight=False),
         )
         summary = build(spec, options)
     if as_json:

@@ -7,6 +7,8 @@ Its size grows with the number of tensors, not of blocks.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 
 import xxhash
@@ -77,10 +79,16 @@ def _dump(value: object, depth: int) -> str:
 
 
 def write_lock(path: Path, lock: dict) -> None:
-    """Write atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dumps(lock))
-    tmp.replace(path)
+    """Write atomically: a temp file of this process's own, fsynced, then renamed over the old one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(dumps(lock))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def diff(locked: dict, current: dict, where: str = "") -> list[str]:

@@ -157,3 +157,46 @@ def test_dry_run_exits_1_and_verify_without_lock_exits_2(tmp_path: Path, llama: 
     )
     assert run("build", "s.json", "--dry-run", cwd=tmp_path).returncode == 1
     assert_one_line_error(run("verify", "s.json", cwd=tmp_path), 2, "no lockfile")
+
+
+def test_allow_pickle_builds_pickle_experts_like_safetensors(tmp_path: Path, llama: Family) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    state = {}
+    for f in llama.experts[0].glob("*.safetensors"):
+        state.update(load_file(f))
+    torch.save(state, pickled / "pytorch_model.bin")
+    shutil.copy(llama.experts[0] / "config.json", pickled / "config.json")
+
+    def spec(path: Path, expert: Path) -> Path:
+        models = [
+            {"path": str(p), "parameters": {"weight": 0.5, "density": 0.5}}
+            for p in (expert, llama.experts[1])
+        ]
+        return write_spec(
+            path,
+            {
+                "method": "ties",
+                "base": str(llama.base),
+                "models": models,
+                "output": str(path.parent / path.stem),
+            },
+        )
+
+    refused = run("build", spec(tmp_path / "p.json", pickled), cwd=tmp_path)
+    assert_one_line_error(refused, 2, "--allow-pickle")
+    assert run("build", tmp_path / "p.json", "--allow-pickle", cwd=tmp_path).returncode == 0
+    assert run("build", spec(tmp_path / "s.json", llama.experts[0]), cwd=tmp_path).returncode == 0
+    digests = [
+        {
+            n: t["digest"]
+            for n, t in json.loads((tmp_path / f"{s}.lock.json").read_text())["targets"]["default"][
+                "tensors"
+            ].items()
+        }
+        for s in ("p", "s")
+    ]
+    assert digests[0] == digests[1]
