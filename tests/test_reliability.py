@@ -149,6 +149,11 @@ def tiny_expert(root: Path, spec: dict) -> None:
     (root / "e1.safetensors").write_bytes(b"\1\2")
 
 
+def not_utf8(root: Path, spec: dict) -> list[str]:
+    (root / "latin1.jsonnet").write_bytes("{method: 'tiés'}".encode("latin-1"))
+    return ["build", "latin1.jsonnet"]
+
+
 def import_outside(root: Path, spec: dict) -> list[str]:
     (root / "s2.jsonnet").write_text("(import 's.json') + { output: importstr '/etc/hostname' }")
     return ["build", "s2.jsonnet"]
@@ -210,6 +215,11 @@ BAD_INPUTS: dict[str, tuple[Setup, str]] = {
         "density: must be in (0, 1]",
     ),
     "missing base": (set_spec(base=None), "needs a base model"),
+    "no inputs at all": (
+        set_spec(method="passthrough", base=None, models=[]),
+        "needs a base or a model to read",
+    ),
+    "spec that is not UTF-8": (not_utf8, "not UTF-8 text (invalid byte at offset 12)"),
     "slerp with two models": (
         set_spec(method="slerp", models=["e1.safetensors", "e2.safetensors"], parameters={"t": 0.5}),
         "takes exactly 1 models, got 2",
