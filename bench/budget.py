@@ -17,15 +17,16 @@ listed under the table with the last line of the tool's error.
 
 ``--warmup``: a budget can only pick the most valuable blocks if the catalog
 already knows the delta statistics, so before each measured build the fresh
-cache is prepared with ``plan`` (``python -m mergebuild plan SPEC``, when that
-subcommand exists; otherwise the build runs against an empty cache and this is
-printed), ``full`` (an unbudgeted build into the same cache: measures a budget
+cache gets a copy of a catalog made once by ``index`` (``python -m mergebuild
+index SPEC``: one read of every source, recording digests and per-block delta
+statistics; the default), ``full`` (an unbudgeted build into the same cache: measures a budget
 rebuild after a full build) or ``none`` (cold cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -69,18 +70,25 @@ from family import Family, add_family_args, family_from_args
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.05)
 
 
-def plan_available() -> bool:
-    """Whether ``python -m mergebuild plan --help`` works."""
+def index_available() -> bool:
+    """Whether ``python -m mergebuild index --help`` works."""
     proc = subprocess.run(
-        [sys.executable, "-m", "mergebuild", "plan", "--help"], capture_output=True, check=False
+        [sys.executable, "-m", "mergebuild", "index", "--help"], capture_output=True, check=False
     )
     return proc.returncode == 0
 
 
 def warm_up(kind: str, spec: Path, full_spec: Path, cache: Path, logs: Path, extra: list[str]) -> None:
     """Prepare ``cache`` for a measured budget build (see the module docstring)."""
-    if kind == "plan":
-        run_measured(mergebuild_cmd(spec, cache, *extra, sub="plan"), label="warmup-plan", log_dir=logs)
+    if kind == "index":
+        # Index once (one read of every source), then hand each fresh cache a copy of the catalog.
+        template = logs.parent / "index-cache"
+        if not (template / "catalog.sqlite").is_file():
+            run_measured(
+                mergebuild_cmd(spec, template, *extra, sub="index"), label="warmup-index", log_dir=logs
+            )
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template / "catalog.sqlite", cache / "catalog.sqlite")
     elif kind == "full":
         run_measured(mergebuild_cmd(full_spec, cache, *extra), label="warmup-full", log_dir=logs)
 
@@ -284,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--warmup",
-        choices=("plan", "full", "none"),
-        default="plan",
-        help="how the cache is prepared before each budget build (default plan)",
+        choices=("index", "full", "none"),
+        default="index",
+        help="how the cache is prepared before each budget build (default index)",
     )
     parser.add_argument("--repeats", type=int, default=1, help="builds per fraction (default 1)")
     parser.add_argument("--keep-outputs", action="store_true", help="keep outputs and caches")
@@ -301,11 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mergebuild is not runnable ({why}); nothing to measure")
         return 1
     warmup = args.warmup
-    if warmup == "plan" and not plan_available():
-        print(
-            "note: `mergebuild plan` is not available yet; budget builds start from an empty "
-            "cache (--warmup none)"
-        )
+    if warmup == "index" and not index_available():
+        print("note: `mergebuild index` is not available; budget builds start from an empty cache")
         warmup = "none"
     warm_up_tools(
         ([[sys.executable, "-m", "mergekit.scripts.run_yaml", "--help"]] if not args.skip_mergekit else [])

@@ -373,10 +373,12 @@ class _Context:
             assert self._node.base is not None
             _record_stats(self._reader, self._node.base, self._node.models[i][1], delta)
 
+    def _known_base(self) -> torch.Tensor:
+        return self._base if self._base is not None else self.base()
+
     def _allocated(self, info: TensorInfo, blocks: tuple[int, ...]) -> torch.Tensor:
         """The expert's tensor as a budget sees it: its allocated blocks, the base's rows elsewhere."""
-        base = self._base if self._base is not None else self.base()
-        tensor = base.clone()
+        tensor = self._known_base().clone()
         rows = tensor.reshape(info.rows, -1) if tensor.dim() else tensor.reshape(1, 1)
         ranges = self._reader.grid(info).ranges()
         for b in blocks:
@@ -412,13 +414,13 @@ class _Context:
             data = cache.read(cached) if cached is not None else None
             if data is not None:
                 self._report.expert_work_reused += 1
-                return sparse_delta.decode(data)
+                return sparse_delta.decode(data, self._known_base())
         sparse = compute()
         self._report.expert_work_computed += 1
         if key is None:
             expert, base = self._reader.digests(info), self._reader.digests(self._node.base)
             key = expert_work_key(recipe, self._seed, expert.content, base.content, self.shape, blocks)
-        blob = sparse_delta.encode(sparse, info.torch_dtype)
+        blob = sparse_delta.encode(sparse, self._known_base(), info.torch_dtype)
         digest = cache.put(blob)
         cache.record_results([(key, Result(digest, 0, len(blob), digest))])
         return sparse

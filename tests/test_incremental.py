@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 
 from mergebuild.build import BuildOptions, build, plan
-from mergebuild.cache import Cache
+from mergebuild.cache import Cache, Result
 from mergebuild.lockfile import lock_path
 from mergebuild.summary import TargetSummary
 from tests.conftest import write_spec
@@ -232,19 +233,44 @@ def test_corrupt_blobs_are_misses_never_outputs(tmp_path: Path, family: Family) 
     cache_dir = tmp_path / "cache"
     _build(spec, cache_dir)
     expected = _tensor_digests(spec)
-    blobs = sorted((cache_dir / "blobs").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
-    files = [b for b in blobs if b.is_file()]
-    # Flip a byte in one, truncate another, delete a third.
-    data = bytearray(files[-1].read_bytes())
+    blobs = [p for p in (cache_dir / "blobs").rglob("*") if p.is_file()]
+    # Damage every blob: flip a byte in the largest (the adopted output shard), truncate
+    # half of the others, delete the rest.
+    blobs.sort(key=lambda p: (p.stat().st_size, p.name))
+    data = bytearray(blobs[-1].read_bytes())
     data[len(data) // 2] ^= 0xFF
-    files[-1].unlink()  # a hard link to the published output: write a fresh inode
-    files[-1].write_bytes(bytes(data))
-    files[0].write_bytes(files[0].read_bytes()[:-3])
-    files[1].unlink()
+    blobs[-1].unlink()  # a hard link to the published output: write a fresh inode
+    blobs[-1].write_bytes(bytes(data))
+    for i, blob in enumerate(blobs[:-1]):
+        if i % 2:
+            blob.write_bytes(blob.read_bytes()[:-3])
+        else:
+            blob.unlink()
     shutil.rmtree(tmp_path / "out")
     rebuilt = _build(spec, cache_dir)
-    assert rebuilt.bad_blobs >= 2
+    assert rebuilt.bad_blobs >= 2 and rebuilt.tensors_merged > 0
     assert _tensor_digests(spec) == expected
+
+
+def test_a_blob_that_does_not_hash_as_recorded_is_a_miss(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    try:
+        data = bytes(range(256)) * 64
+        digest = cache.put(data)
+        result = Result(digest, 16, 100, xxhash.xxh3_128_hexdigest(data[16:116]))
+        cache.record_results([("k", result)])
+        assert cache.read(result) == data[16:116]
+        path = tmp_path / "cache" / "blobs" / digest[:2] / digest
+        path.write_bytes(data[:50])  # truncated
+        assert cache.read(result) is None and cache.events.bad_blobs == [digest]
+        assert cache.result("k") is None and not path.exists()
+        digest = cache.put(data)
+        flipped = bytearray(data)
+        flipped[20] ^= 1
+        path.write_bytes(bytes(flipped))
+        assert cache.read(result) is None and cache.result("k") is None
+    finally:
+        cache.close()
 
 
 def test_gc_evicts_least_recently_used(tmp_path: Path, family: Family) -> None:

@@ -4,9 +4,9 @@ Per-expert work of the sparsifying methods (which elements of delta_i survive,
 and the L1 rescale factor) does not depend on the other experts, the weights or
 lambda, so it is cached on its own: a rebuild after swapping one expert or
 changing a coefficient reuses it. The cached form is a bitmask plus the kept
-values of the expert in its storage dtype (delta = expert - base is recomputed
-from the base, which the merge reads anyway), so it is a fraction of the
-expert's size: at density 0.2 in bf16, 1/16 + 0.2/1 = 26 %.
+values of the expert in its storage dtype, coded against the base (delta =
+expert - base is recomputed from the base, which the merge reads anyway), so it
+is a fraction of the expert's size (see `encode`).
 
 The fresh and the cached path produce the kept delta with the same elementwise
 expression, `where(mask, expert - base, 0) * factor`, so a rebuild is bit-identical
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 
 from mergebuild.safetensors_io import DTYPE_NAMES, DTYPES
 
-_MAGIC = b"MBSD1\n"
+_MAGIC = b"MBSD2\n"
 
 
 @dataclass(frozen=True)
@@ -59,27 +60,43 @@ def l1_factor(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
     return before / after
 
 
-def encode(sparse: SparseDelta, dtype: torch.dtype) -> bytes:
-    """The blob form: header, packed mask bits, kept values in `dtype` (the expert's storage dtype)."""
-    mask = sparse.mask.reshape(-1).numpy()
+def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> bytes:
+    """The blob form: header, the mask, and the kept values in `dtype` (the expert's storage dtype).
+
+    For 2-byte dtypes the kept values are coded against the base: a fine-tune
+    moves a weight by a few units in the last place, so the difference of the
+    two bit patterns (as integers) almost always fits in a signed byte; those
+    bytes are zlib-compressed, and the rare value that does not fit is stored
+    whole. On a bf16 fine-tune this takes a kept value from 2 bytes to about
+    0.8. The mask is zlib-compressed too. `base` (float32) is the base the mask
+    was made with; `decode` needs the same one.
+    """
+    flat_mask = sparse.mask.reshape(-1)
     values = sparse.values.to(dtype)
     if not torch.equal(values.to(torch.float32), sparse.values):
         raise AssertionError("kept values are not representable in the expert's dtype")
+    sections = [zlib.compress(np.packbits(flat_mask.numpy()).tobytes(), 1)]
+    if dtype.itemsize == 2:
+        bits = values.view(torch.int16)
+        diff = bits.to(torch.int32) - base.reshape(-1)[flat_mask].to(dtype).view(torch.int16).to(torch.int32)
+        small = (diff >= -127) & (diff <= 127)
+        codes = torch.where(small, diff, _ESCAPE).to(torch.int8)
+        sections += [zlib.compress(codes.numpy().tobytes(), 1), bits[~small].numpy().tobytes()]
+    else:
+        sections.append(values.view(torch.uint8).numpy().tobytes())
     header = {
         "shape": list(sparse.mask.shape),
         "count": int(values.numel()),
         "dtype": DTYPE_NAMES[dtype],
         "factor": None if sparse.factor is None else struct.pack("<f", float(sparse.factor)).hex(),
+        "sections": [len(section) for section in sections],
     }
     raw_header = json.dumps(header, sort_keys=True).encode()
-    value_bytes = values.contiguous().view(torch.uint8).numpy().tobytes() if values.numel() else b""
-    return b"".join(
-        (_MAGIC, struct.pack("<Q", len(raw_header)), raw_header, np.packbits(mask).tobytes(), value_bytes)
-    )
+    return b"".join((_MAGIC, struct.pack("<Q", len(raw_header)), raw_header, *sections))
 
 
-def decode(data: bytes) -> SparseDelta:
-    """Inverse of `encode` (the blob's digest was checked before this is called)."""
+def decode(data: bytes, base: torch.Tensor) -> SparseDelta:
+    """Inverse of `encode`, given the same base (the blob's digest was checked before this is called)."""
     if not data.startswith(_MAGIC):
         raise ValueError("not a sparse delta blob")
     at = len(_MAGIC)
@@ -87,15 +104,29 @@ def decode(data: bytes) -> SparseDelta:
     at += 8
     header = json.loads(data[at : at + length])
     at += length
+    sections = []
+    for size in header["sections"]:
+        sections.append(data[at : at + size])
+        at += size
     shape = tuple(header["shape"])
     n = int(np.prod(shape)) if shape else 1
-    packed = np.frombuffer(data, dtype=np.uint8, count=(n + 7) // 8, offset=at)
-    at += (n + 7) // 8
+    packed = np.frombuffer(zlib.decompress(sections[0]), dtype=np.uint8)
     mask = torch.from_numpy(np.unpackbits(packed, count=n).astype(bool)).reshape(shape)
     dtype = DTYPES[header["dtype"]]
-    count = int(header["count"])
-    raw = bytearray(data[at : at + count * dtype.itemsize])
-    values = torch.frombuffer(raw, dtype=dtype) if count else torch.empty(0, dtype=dtype)
+    if dtype.itemsize == 2:
+        codes = torch.frombuffer(bytearray(zlib.decompress(sections[1])), dtype=torch.int8).to(torch.int32)
+        bits = base.reshape(-1)[mask.reshape(-1)].to(dtype).view(torch.int16).to(torch.int32) + codes
+        escaped = codes == _ESCAPE
+        if sections[2]:
+            bits[escaped] = torch.frombuffer(bytearray(sections[2]), dtype=torch.int16).to(torch.int32)
+        values = bits.to(torch.int16).view(dtype)
+    else:
+        raw = bytearray(sections[1])
+        values = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
     factor = header["factor"]
     scale = None if factor is None else torch.tensor(struct.unpack("<f", bytes.fromhex(factor))[0])
     return SparseDelta(mask, values.to(torch.float32), scale)
+
+
+#: The code of a kept value whose bit difference from the base does not fit in a byte.
+_ESCAPE = -128
