@@ -1,0 +1,84 @@
+"""mergebuild/rng.py: the blockwise hash gives the same stream as the plain formula."""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergebuild import rng
+
+FAST = settings(max_examples=60, deadline=None, database=None, derandomize=True)
+
+
+def reference_uniform(key: int, start: int, count: int) -> torch.Tensor:
+    """The stream as first written (one whole-tensor pass per SplitMix64 step): the oracle."""
+    x = torch.arange(start, start + count, dtype=torch.int64)
+    x.mul_(rng._signed(rng._GOLDEN)).add_(rng._signed(key))
+    x.bitwise_xor_(rng._shr(x, 30)).mul_(rng._signed(rng._MIX1))
+    x.bitwise_xor_(rng._shr(x, 27)).mul_(rng._signed(rng._MIX2))
+    x.bitwise_xor_(rng._shr(x, 31))
+    return rng._shr(x, 11).to(torch.float64).mul_(2.0**-53)
+
+
+keys = st.one_of(st.sampled_from([0, 1, 2**63, 2**64 - 1]), st.integers(0, 2**64 - 1))
+starts = st.one_of(st.integers(0, 1000), st.integers(0, 2**62))
+counts = st.integers(0, 300)
+chunks = st.sampled_from([1, 2, 7, 64, rng._CHUNK])
+densities = st.one_of(
+    st.sampled_from([0.0, -0.5, 2.0**-53, 1e-300, 0.5, 1 - 2.0**-53, 1.0, 1.5, math.inf, math.nan]),
+    st.floats(0.0, 1.0),
+)
+
+
+def test_known_values() -> None:
+    # Pinned: lockfiles and conformance results depend on these exact draws.
+    u = rng.uniform(0x0123456789ABCDEF, 5, 3)
+    assert u.dtype == torch.float64
+    assert u.tolist() == reference_uniform(0x0123456789ABCDEF, 5, 3).tolist()
+    assert rng.uniform(0, 0, 0).shape == (0,)
+
+
+@FAST
+@given(key=keys, start=starts, count=counts, chunk=chunks)
+def test_uniform_matches_the_reference(key: int, start: int, count: int, chunk: int) -> None:
+    with mock.patch.object(rng, "_CHUNK", chunk):
+        u = rng.uniform(key, start, count)
+        m = rng.uniform53(key, start, count)
+    expected = reference_uniform(key, start, count)
+    assert torch.equal(u, expected)
+    assert m.dtype == torch.int64 and bool(((m >= 0) & (m < 2**53)).all())
+    assert torch.equal(m.to(torch.float64) * 2.0**-53, expected)
+
+
+@FAST
+@given(key=keys, start=starts, count=counts, chunk=chunks, density=densities)
+def test_keep_mask_is_uniform_below_density(
+    key: int, start: int, count: int, chunk: int, density: float
+) -> None:
+    with mock.patch.object(rng, "_CHUNK", chunk):
+        mask = rng.keep_mask(key, start, count, density)
+    assert mask.dtype == torch.bool
+    assert torch.equal(mask, reference_uniform(key, start, count) < density)
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_keep_mask_at_the_exact_threshold(offset: int) -> None:
+    # Densities one ulp around a drawn value: the comparison is strict and exact.
+    key, count = 12345, 1000
+    u = reference_uniform(key, 0, count)
+    value = float(u[17])
+    density = math.nextafter(value, math.inf if offset > 0 else -math.inf) if offset else value
+    assert torch.equal(rng.keep_mask(key, 0, count, density), u < density)
+    assert bool(rng.keep_mask(key, 0, count, density)[17]) == (offset > 0)
+
+
+def test_streams_are_position_keyed() -> None:
+    # A slice of the stream is the stream of the slice: no dependence on blocking.
+    whole = rng.uniform(99, 0, 1000)
+    assert torch.equal(rng.uniform(99, 300, 400), whole[300:700])
+    assert torch.equal(rng.keep_mask(99, 300, 400, 0.3), whole[300:700] < 0.3)
