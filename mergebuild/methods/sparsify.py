@@ -6,11 +6,187 @@ values, unlike an unstable sort: magnitude keeps the lowest indices among
 elements tied with the k-th largest; breadcrumbs ranks tied elements in
 ascending order by index (at the top boundary the lowest indices are kept, at
 the bottom boundary the lowest indices are dropped).
+
+How thresholds are found (float32, float16 and bfloat16 inputs; other dtypes
+take a slower kthvalue path with the same results): finite floats map to int32
+keys that order like the values (for |x|, the float32 bit pattern with the sign
+cleared). An order statistic is a two-level radix select: a histogram of the
+keys' high 16 bits locates the bin holding the wanted rank, and a histogram of
+the low 16 bits of that bin's elements gives the exact key, with how many
+elements lie below it and tie with it. A last pass writes the mask, switching
+from keeping tied elements to dropping them (or back) after the right number
+of them in flat-index order. Each pass streams the input in blocks of
+`_BLOCK` elements through reused buffers, so no full-size temporary is
+allocated (only the mask), no full-length cumsum or sort runs, and the input
+is read three times.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
+
+#: Dtypes whose values convert to float32 exactly (so float32 keys order them).
+_KEYED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Elements per block of the streaming passes (the block's int32 buffers stay in cache).
+_BLOCK = 1 << 18
+
+
+class _OrderStat(NamedTuple):
+    """The key at one ascending rank, with how many keys are below it and equal to it."""
+
+    key: int
+    below: int
+    equal: int
+
+
+class _Bound(NamedTuple):
+    """One side of a kept range: keys strictly inside are kept, keys outside dropped. Keys
+    equal to `key` are kept iff `tied_in`, except that after the first `flip_after` of
+    them in flat-index order (0: never) the rest get the opposite."""
+
+    key: int
+    tied_in: bool
+    flip_after: int = 0
+
+
+class _Keys:
+    """The int32 keys of a float tensor, computed block by block into one reused buffer.
+
+    With `absolute` the keys order like |x|: the float32 bit pattern of |x|.
+    Otherwise like x (finite): +m for x >= 0 and -m for x < 0, m the bit pattern
+    of |x|, so -0.0 and +0.0 share the key 0.
+    """
+
+    def __init__(self, x: torch.Tensor, absolute: bool) -> None:
+        self.flat = x.reshape(-1)
+        self.n = self.flat.numel()
+        self.absolute = absolute
+        size = min(_BLOCK, self.n)
+        self.buf = torch.empty(size, dtype=torch.int32, device=x.device)
+        self.aux = torch.empty(0 if absolute else size, dtype=torch.int32, device=x.device)
+        self.f32 = torch.empty(size if x.dtype != torch.float32 else 0, dtype=torch.float32, device=x.device)
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start, keys of flat elements start .. start + len(keys) - 1); the keys
+        tensor is overwritten by the next block."""
+        for lo in range(0, self.n, _BLOCK):
+            src = self.flat[lo : lo + _BLOCK]
+            m = src.numel()
+            if src.dtype != torch.float32:
+                src = self.f32[:m].copy_(src)
+            bits, keys = src.view(torch.int32), self.buf[:m]
+            if self.absolute:
+                torch.bitwise_and(bits, 0x7FFFFFFF, out=keys)
+            else:
+                sign = torch.bitwise_right_shift(bits, 31, out=self.aux[:m])  # -1 if negative
+                torch.bitwise_and(sign, 0x7FFFFFFF, out=keys)
+                keys ^= bits  # negative: -1 - m (the low 31 bits flipped)
+                keys -= sign  # negative: -m
+            yield lo, keys
+
+
+def _select(keys: _Keys, ranks: list[int]) -> list[_OrderStat]:
+    """Order statistics of `keys` at the given ascending 0-based ranks (radix select)."""
+    offset = 0 if keys.absolute else 1 << 15  # high halves in [-2^15, 2^15) -> [0, 2^16)
+    hist = torch.zeros((1 << 15) + 2 * offset, dtype=torch.int64, device=keys.buf.device)
+    high_buf = torch.empty_like(keys.buf)
+    ones = torch.ones(keys.buf.numel(), dtype=torch.int64, device=keys.buf.device)
+    for _, block in keys:
+        high = torch.bitwise_right_shift(block, 16, out=high_buf[: block.numel()])
+        if offset:
+            high += offset
+        hist.index_add_(0, high, ones[: block.numel()])
+    cum = hist.cumsum(0)
+    rank_bins = [int(torch.searchsorted(cum, rank, right=True)) for rank in ranks]  # first cum > rank
+    bins = {b: int(cum[b]) - int(hist[b]) for b in rank_bins}  # bin -> number of keys in lower bins
+    low_hists = {b: torch.zeros(1 << 16, dtype=torch.int64, device=hist.device) for b in bins}
+    in_bin = torch.empty(keys.buf.shape, dtype=torch.bool, device=hist.device)
+    for _, block in keys:
+        high = torch.bitwise_right_shift(block, 16, out=high_buf[: block.numel()])
+        if offset:
+            high += offset
+        for b, low_hist in low_hists.items():
+            low = block[torch.eq(high, b, out=in_bin[: block.numel()])].bitwise_and_(0xFFFF)
+            low_hist.index_add_(0, low, ones[: low.numel()])
+    stats = []
+    for rank, b in zip(ranks, rank_bins, strict=True):
+        low_hist = low_hists[b]
+        low_cum = low_hist.cumsum(0)
+        low = int(torch.searchsorted(low_cum, rank - bins[b], right=True))
+        below = bins[b] + int(low_cum[low]) - int(low_hist[low])
+        stats.append(_OrderStat(((b - offset) << 16) + low, below, int(low_hist[low])))
+    return stats
+
+
+def _bounded_mask(keys: _Keys, lower: _Bound | None, upper: _Bound | None) -> torch.Tensor:
+    """Flat mask of the keys inside the bounds (see _Bound), in one streaming pass."""
+    out = torch.empty(keys.n, dtype=torch.bool, device=keys.buf.device)
+    bounds = [b for b in (lower, upper) if b is not None]
+    if not bounds:
+        return out.fill_(True)
+    ops = (torch.gt, torch.ge) if lower is not None else (torch.lt, torch.le)
+    if lower is not None and upper is not None:
+        ops += (torch.lt, torch.le)
+    # Per bound: are tied keys kept now, and how many ties are left before that flips.
+    mode = [b.tied_in for b in bounds]
+    left = [b.flip_after for b in bounds]
+    eq = torch.empty(keys.buf.shape, dtype=torch.bool, device=out.device)
+    tmp = torch.empty(keys.buf.shape, dtype=torch.bool, device=out.device)
+    for lo, block in keys:
+        m = block.numel()
+        # Block offsets where a bound's tie mode flips, found by counting ties.
+        flips = []
+        for i, b in enumerate(bounds):
+            if left[i] <= 0:
+                continue
+            tied = torch.eq(block, b.key, out=eq[:m])
+            count = int(torch.count_nonzero(tied))
+            if count < left[i]:
+                left[i] -= count
+                continue
+            flips.append((int(torch.nonzero(tied)[left[i] - 1, 0]) + 1, i))
+            left[i] = 0
+        start = 0
+        for stop, i in [*sorted(flips), (m, -1)]:
+            if stop > start:
+                seg, dst = block[start:stop], out[lo + start : lo + stop]
+                ops[mode[0]](seg, bounds[0].key, out=dst)
+                if len(bounds) == 2:
+                    dst &= ops[2 + mode[1]](seg, bounds[1].key, out=tmp[: stop - start])
+            if i >= 0:
+                mode[i] = not mode[i]
+            start = stop
+    return out
+
+
+def _rank_range(x: torch.Tensor, lo_rank: int, hi_rank: int, absolute: bool) -> torch.Tensor:
+    """keep_rank_range of x, or of |x| when `absolute`."""
+    n = x.numel()
+    lo_rank, hi_rank = max(lo_rank, 0), min(hi_rank, n)
+    if hi_rank <= lo_rank:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if x.dtype not in _KEYED_DTYPES:
+        return _keep_rank_range_by_kthvalue(x.abs() if absolute else x, lo_rank, hi_rank)
+    keys = _Keys(x, absolute)
+    wanted = [r for r, needed in ((lo_rank, lo_rank > 0), (hi_rank - 1, hi_rank < n)) if needed]
+    stats = dict(zip(wanted, _select(keys, wanted), strict=True))
+    lower = upper = None
+    if lo_rank > 0:
+        # Of the elements tied at the key of rank lo_rank, the first lo_rank - below
+        # (0 .. equal - 1) rank below lo_rank: out, the rest in.
+        key, below, _ = stats[lo_rank]
+        drop = lo_rank - below
+        lower = _Bound(key, tied_in=drop == 0, flip_after=drop)
+    if hi_rank < n:
+        # Of those tied at the key of rank hi_rank - 1, the first hi_rank - below
+        # (1 .. equal) rank below hi_rank: in, the rest out.
+        key, below, equal = stats[hi_rank - 1]
+        keep = hi_rank - below
+        upper = _Bound(key, tied_in=True, flip_after=keep if keep < equal else 0)
+    return _bounded_mask(keys, lower, upper).reshape(x.shape)
 
 
 def _stable_ranks(w: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
@@ -25,16 +201,9 @@ def _stable_ranks(w: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
     return torch.where(eq, ranks, torch.full_like(ranks, -1))
 
 
-def keep_rank_range(magnitudes: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor:
-    """Mask of the elements whose stable ascending rank r satisfies lo_rank <= r < hi_rank.
-
-    Uses two order statistics (kthvalue) instead of a full sort; elements tied
-    with a boundary value are resolved by flat index.
-    """
+def _keep_rank_range_by_kthvalue(magnitudes: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor:
+    """keep_rank_range for dtypes without int32 keys (e.g. float64): two kthvalue calls."""
     w = magnitudes.reshape(-1)
-    n = w.numel()
-    if hi_rank <= lo_rank or n == 0:
-        return torch.zeros(magnitudes.shape, dtype=torch.bool)
     lo = torch.kthvalue(w, lo_rank + 1).values
     hi = torch.kthvalue(w, hi_rank).values
     keep = (w > lo) & (w < hi)
@@ -44,18 +213,35 @@ def keep_rank_range(magnitudes: torch.Tensor, lo_rank: int, hi_rank: int) -> tor
     return keep.reshape(magnitudes.shape)
 
 
+def keep_rank_range(magnitudes: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor:
+    """Mask of the elements whose stable ascending rank r satisfies lo_rank <= r < hi_rank.
+
+    Values must be finite; elements tied with a boundary value are resolved by
+    flat index (see the module docstring for how the boundaries are found).
+    """
+    return _rank_range(magnitudes, lo_rank, hi_rank, absolute=False)
+
+
 def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = max(1, int(density * n)) largest |delta|; of the elements tied
     with the k-th largest, those with the lowest flat index."""
-    w = delta.abs().reshape(-1)
-    n = w.numel()
+    n = delta.numel()
     k = max(1, int(density * n))
-    threshold = torch.kthvalue(w, n - k + 1).values
-    keep = w > threshold
-    room = k - int(keep.sum())
-    tied = w == threshold
-    keep |= tied & (torch.cumsum(tied, dim=0) <= room)
-    return keep.reshape(delta.shape)
+    if k >= n:
+        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+    if delta.dtype not in _KEYED_DTYPES:
+        w = delta.abs().reshape(-1)
+        threshold = torch.kthvalue(w, n - k + 1).values
+        keep = w > threshold
+        room = k - int(keep.sum())
+        tied = w == threshold
+        keep |= tied & (torch.cumsum(tied, dim=0) <= room)
+        return keep.reshape(delta.shape)
+    keys = _Keys(delta, absolute=True)
+    key, below, equal = _select(keys, [n - k])[0]
+    room = k - (n - below - equal)  # how many of the tied elements are kept: 1 .. equal
+    lower = _Bound(key, tied_in=True, flip_after=room if room < equal else 0)
+    return _bounded_mask(keys, lower, None).reshape(delta.shape)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -64,11 +250,14 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> tor
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)
-    return keep_rank_range(delta.abs(), n_bottom, n_bottom + target)
+    return _rank_range(delta, n_bottom, n_bottom + target, absolute=True)
 
 
 def random(uniforms: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each element with probability `density` (DARE)."""
+    """Keep each element with probability `density` (DARE).
+
+    `rng.keep_mask` gives the same mask straight from the stream key, faster.
+    """
     return uniforms < density
 
 
@@ -78,26 +267,42 @@ def della(delta: torch.Tensor, uniforms: torch.Tensor, density: float, epsilon: 
     Rows are taken along dimension 1 (a 1-D or 0-d tensor is one row). The smallest
     magnitude of a row is kept with probability density - epsilon, the largest
     with density + epsilon; a row of one element with probability density.
+    Tied magnitudes rank by position in the row.
     """
-    mags = delta.abs() if delta.dim() >= 2 else delta.abs().reshape(1, -1)
-    mags = mags.movedim(1, -1)
-    length = mags.shape[-1]
-    order = torch.argsort(mags, dim=-1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(length).expand_as(order))
-    if length > 1:
-        rank_norm = ranks.to(torch.float64) / (length - 1)
+    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
+    if delta.dtype in _KEYED_DTYPES:
+        # The int32 keys of |delta| sort faster than the floats, in the same order.
+        flat = rows.reshape(-1).to(torch.float32)
+        keys = flat.view(torch.int32).bitwise_and(0x7FFFFFFF).view(rows.shape).movedim(1, -1)
+        order = torch.sort(keys, dim=-1, stable=True).indices
+        del flat, keys
     else:
-        rank_norm = torch.full(ranks.shape, 0.5, dtype=torch.float64)
+        order = torch.argsort(rows.abs().movedim(1, -1), dim=-1, stable=True)
+    del rows
+    length = order.shape[-1]
+    # Keep probability by rank (the same float64 arithmetic as per element).
+    if length > 1:
+        rank_norm = torch.arange(length, dtype=torch.float64, device=delta.device) / (length - 1)
+    else:
+        rank_norm = torch.full((1,), 0.5, dtype=torch.float64, device=delta.device)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    probs = probs.movedim(-1, 1)
-    return uniforms < probs.reshape(delta.shape)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(length, device=delta.device).expand_as(order))
+    del order
+    u = uniforms.reshape(delta.shape) if delta.dim() >= 2 else uniforms.reshape(1, -1)
+    keep = u.movedim(1, -1) < probs[ranks]
+    return keep.movedim(-1, 1).reshape(delta.shape)
 
 
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Scale `kept` (the masked delta) so its L1 norm equals the delta's; skip tiny norms."""
-    before = delta.abs().sum()
-    after = kept.abs().sum()
+    # One buffer serves both |.| temporaries and the result (same layout, so the
+    # sums reduce in the same order as delta.abs().sum()).
+    buf = torch.empty_like(delta)
+    before = torch.abs(delta, out=buf).sum()
+    if kept.shape != delta.shape or kept.stride() != delta.stride() or kept.dtype != delta.dtype:
+        buf = torch.empty_like(kept)
+    after = torch.abs(kept, out=buf).sum()
     if before < 1e-7 or after < 1e-7:
         return kept
-    return kept * (before / after)
+    return torch.mul(kept, before / after, out=buf)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -192,3 +193,204 @@ def test_della_keeps_large_magnitudes_more_often(density: float, epsilon: float,
     # Expected rates about density -+ 0.82 epsilon; their gap dwarfs the noise.
     assert high - low > epsilon
     assert abs(float(mask.double().mean()) - density) < 0.01
+
+
+# ----- the radix-select implementations against the sort-based originals -----
+#
+# The reference_* functions are the implementations the radix select replaced
+# (kthvalue + full-length cumsum, argsort): simple, and the oracle here. The new
+# code must return the very same masks, ties included.
+
+
+def reference_keep_rank_range(magnitudes: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor:
+    w = magnitudes.reshape(-1)
+    if hi_rank <= lo_rank or w.numel() == 0:
+        return torch.zeros(magnitudes.shape, dtype=torch.bool)
+    lo = torch.kthvalue(w, lo_rank + 1).values
+    hi = torch.kthvalue(w, hi_rank).values
+    keep = (w > lo) & (w < hi)
+    for boundary in (lo, hi) if lo != hi else (lo,):
+        eq = w == boundary
+        ranks = torch.cumsum(eq, dim=0) - 1 + int((w < boundary).sum())
+        keep |= eq & (ranks >= lo_rank) & (ranks < hi_rank)
+    return keep.reshape(magnitudes.shape)
+
+
+def reference_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    w = delta.abs().reshape(-1)
+    n = w.numel()
+    k = max(1, int(density * n))
+    threshold = torch.kthvalue(w, n - k + 1).values
+    keep = w > threshold
+    tied = w == threshold
+    keep |= tied & (torch.cumsum(tied, dim=0) <= k - int(keep.sum()))
+    return keep.reshape(delta.shape)
+
+
+def reference_magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    n = delta.numel()
+    target = int(density * n)
+    n_bottom = max(0, n - target - int(gamma * n))
+    return reference_keep_rank_range(delta.abs(), n_bottom, n_bottom + target)
+
+
+def reference_della(
+    delta: torch.Tensor, uniforms: torch.Tensor, density: float, epsilon: float
+) -> torch.Tensor:
+    mags = delta.abs() if delta.dim() >= 2 else delta.abs().reshape(1, -1)
+    mags = mags.movedim(1, -1)
+    length = mags.shape[-1]
+    order = torch.argsort(mags, dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(length).expand_as(order))
+    if length > 1:
+        rank_norm = ranks.to(torch.float64) / (length - 1)
+    else:
+        rank_norm = torch.full(ranks.shape, 0.5, dtype=torch.float64)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+    return uniforms < probs.movedim(-1, 1).reshape(delta.shape)
+
+
+def reference_rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    before, after = delta.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+#: Shapes from 0-d to 3-d, mostly small so that blocks of a few elements split them.
+tensor_shapes = st.one_of(
+    st.just(()),
+    st.tuples(st.integers(1, 80)),
+    st.tuples(st.integers(1, 9), st.integers(1, 12)),
+    st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 4)),
+)
+
+
+@st.composite
+def tied_tensors(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> torch.Tensor:
+    """Float tensors with the ties real deltas have: bf16-rounded, many (signed) zeros,
+    all-equal, a few distinct values; in float32 or another float dtype."""
+    shape = draw(tensor_shapes)
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["normal", "bf16", "zeros", "equal", "coarse", "huge"]))
+    if kind == "normal":
+        x = torch.randn(n, generator=g)
+    elif kind == "bf16":
+        x = (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16).float()
+    elif kind == "zeros":
+        x = torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
+        x = torch.where(torch.rand(n, generator=g) < 0.5, x, -x)  # -0.0 as well as 0.0
+    elif kind == "equal":
+        x = torch.full((n,), draw(st.sampled_from([0.0, -0.0, 1.0, -3.5, 1e-40])))
+    elif kind == "coarse":
+        x = torch.randint(-3, 4, (n,), generator=g).float() * 0.5
+    else:  # extremes of the float32 range, subnormals
+        x = torch.tensor([3e38, -3e38, 1e-45, -1e-45, 1.0, 0.0], dtype=torch.float32)[
+            torch.randint(0, 6, (n,), generator=g)
+        ]
+    return x.reshape(shape).to(draw(st.sampled_from(dtypes)))
+
+
+#: Blocks of the streaming passes: tiny ones make every tie and flip cross blocks.
+blocks = st.sampled_from([1, 2, 3, 5, 16, sparsify._BLOCK])
+KEYED = (torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+EQUIV = settings(max_examples=300, deadline=None, database=None, derandomize=True)
+
+
+@st.composite
+def rank_densities(draw: st.DrawFn, n: int) -> float:
+    return draw(st.one_of(st.sampled_from([1 / max(n, 1), 1.0, 0.5, 0.999]), st.floats(0.0, 1.0)))
+
+
+@EQUIV
+@given(delta=tied_tensors(KEYED), block=blocks, data=st.data())
+def test_magnitude_equals_the_reference(delta: torch.Tensor, block: int, data: st.DataObject) -> None:
+    density = data.draw(rank_densities(delta.numel()))
+    with mock.patch.object(sparsify, "_BLOCK", block):
+        mask = sparsify.magnitude(delta, density)
+    assert mask.shape == delta.shape and mask.dtype == torch.bool
+    assert torch.equal(mask, reference_magnitude(delta, density))
+
+
+@EQUIV
+@given(delta=tied_tensors(KEYED), block=blocks, gamma=st.sampled_from([0.0, 0.01, 0.1, 0.5]), data=st.data())
+def test_magnitude_outliers_equals_the_reference(
+    delta: torch.Tensor, block: int, gamma: float, data: st.DataObject
+) -> None:
+    density = data.draw(rank_densities(delta.numel()))
+    with mock.patch.object(sparsify, "_BLOCK", block):
+        mask = sparsify.magnitude_outliers(delta, density, gamma)
+    assert mask.shape == delta.shape
+    assert torch.equal(mask, reference_magnitude_outliers(delta, density, gamma))
+
+
+@EQUIV
+@given(values=tied_tensors(KEYED), block=blocks, data=st.data())
+def test_keep_rank_range_equals_the_reference(values: torch.Tensor, block: int, data: st.DataObject) -> None:
+    # Signed values (sce ranks -variance): negatives, -0.0 equal to 0.0.
+    n = values.numel()
+    lo = data.draw(st.integers(0, n - 1))
+    hi = data.draw(st.one_of(st.just(n), st.integers(lo + 1, n)))
+    with mock.patch.object(sparsify, "_BLOCK", block):
+        mask = sparsify.keep_rank_range(values, lo, hi)
+    assert mask.shape == values.shape
+    assert torch.equal(mask, reference_keep_rank_range(values, lo, hi))
+    neg = -values.abs()
+    with mock.patch.object(sparsify, "_BLOCK", block):
+        assert torch.equal(sparsify.keep_rank_range(neg, 0, hi), reference_keep_rank_range(neg, 0, hi))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1000])
+@pytest.mark.parametrize("value", [0.0, -0.0, 2.5])
+def test_all_equal_tensors(n: int, value: float) -> None:
+    # Every element ties with the threshold: the lowest flat indices win.
+    delta = torch.full((n,), value)
+    for density in (1 / n, 0.5, 1.0):
+        k = max(1, int(density * n))
+        assert sparsify.magnitude(delta, density).tolist() == [True] * k + [False] * (n - k)
+    with mock.patch.object(sparsify, "_BLOCK", 7):
+        assert torch.equal(sparsify.magnitude(delta, 0.3), reference_magnitude(delta, 0.3))
+        lo, hi = n // 3, n - n // 4
+        assert torch.equal(sparsify.keep_rank_range(delta, lo, hi), reference_keep_rank_range(delta, lo, hi))
+
+
+def test_large_tensor_with_heavy_ties_spanning_blocks() -> None:
+    # bf16 deltas (few distinct values, most of them zero) over many default-size blocks.
+    g = torch.Generator().manual_seed(5)
+    n = 3 * sparsify._BLOCK + 12345
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    expert = (base.float() + torch.randn(n, generator=g) * 0.0005).to(torch.bfloat16)
+    delta = expert.float() - base.float()
+    for density in (0.1, 0.5, 0.9):
+        assert torch.equal(sparsify.magnitude(delta, density), reference_magnitude(delta, density))
+        assert torch.equal(
+            sparsify.magnitude_outliers(delta, density, 0.01),
+            reference_magnitude_outliers(delta, density, 0.01),
+        )
+
+
+@EQUIV
+@given(
+    delta=tied_tensors((torch.float32, torch.bfloat16, torch.float64)),
+    seed=st.integers(0, 2**32 - 1),
+    density=st.floats(0.2, 0.8),
+    epsilon=st.floats(0.0, 0.19),
+)
+def test_della_equals_the_reference(delta: torch.Tensor, seed: int, density: float, epsilon: float) -> None:
+    uniforms = torch.rand(delta.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    mask = sparsify.della(delta, uniforms, density, epsilon)
+    assert mask.shape == delta.shape
+    assert torch.equal(mask, reference_della(delta, uniforms, density, epsilon))
+
+
+@EQUIV
+@given(delta=tied_tensors(), keep=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+def test_rescale_l1_equals_the_reference(delta: torch.Tensor, keep: float, seed: int) -> None:
+    kept = delta * (torch.rand(delta.shape, generator=torch.Generator().manual_seed(seed)) < keep)
+    out = sparsify.rescale_l1(delta, kept)
+    expected = reference_rescale_l1(delta, kept)
+    # Bit for bit: signed zeros and the NaNs of overflowing norms included.
+    assert out.dtype == expected.dtype
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
