@@ -395,8 +395,15 @@ class _Context:
 
     def uniform(self, i: int) -> torch.Tensor:
         info = self._node.models[i][1]
-        key = rng.stream_key(self._seed, self._reader.digests(info).content, self.name)
-        return rng.uniform(key, 0, info.numel).reshape(self.shape)
+        return rng.uniform(self._stream(i), 0, info.numel).reshape(self.shape)
+
+    def keep_mask(self, i: int, density: float) -> torch.Tensor:
+        info = self._node.models[i][1]
+        return rng.keep_mask(self._stream(i), 0, info.numel, density).reshape(self.shape)
+
+    def _stream(self, i: int) -> int:
+        info = self._node.models[i][1]
+        return rng.stream_key(self._seed, self._reader.digests(info).content, self.name)
 
     def expert_work(
         self, i: int, recipe: Mapping[str, Scalar | str], compute: Callable[[], SparseDelta]

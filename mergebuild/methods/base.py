@@ -95,6 +95,10 @@ class TensorContext(Protocol):
         """
         ...
 
+    def keep_mask(self, i: int, density: float) -> torch.Tensor:
+        """Bool mask of shape `shape`: exactly `uniform(i) < density`, without the float64 draws."""
+        ...
+
     def note_delta(self, i: int, delta: torch.Tensor) -> None:
         """Show the executor model i's whole delta against the base (float32), which a method
         that computes it anyway passes on: the executor keeps block statistics of it for budgets."""

@@ -124,7 +124,7 @@ class TaskArithmeticFamily(Method):
         if self.sparsifier == "magnitude_outliers":
             return sparsify.magnitude_outliers(delta, density, float(ctx.model_param(i, "gamma")))
         if self.sparsifier == "random":
-            return sparsify.random(ctx.uniform(i), density)
+            return ctx.keep_mask(i, density)
         return sparsify.della(delta, ctx.uniform(i), density, float(ctx.model_param(i, "epsilon")))
 
     def merge(self, ctx: TensorContext) -> torch.Tensor:

@@ -104,6 +104,10 @@ class FakeContext:
     ) -> SparseDelta:
         return compute()
 
+    def keep_mask(self, i: int, density: float) -> torch.Tensor:
+        key = rng.stream_key(self.seed, digest(i), self.name)
+        return rng.keep_mask(key, 0, math.prod(self.shape), density).reshape(self.shape)
+
     def uniform(self, i: int) -> torch.Tensor:
         key = rng.stream_key(self.seed, digest(i), self.name)
         return rng.uniform(key, 0, math.prod(self.shape)).reshape(self.shape)
