@@ -82,9 +82,16 @@ class Cache:
 
     def put(self, data: bytes | bytearray | memoryview) -> str:
         """Store bytes as a blob; return its digest."""
+        digest, size = self.write_blob(data)
+        self._touch(digest, size)
+        return digest
+
+    def write_blob(self, data: bytes | bytearray | memoryview) -> tuple[str, int]:
+        """Write a blob's file (not its catalog row: see `record_blobs`); any thread may call this."""
         digest = xxhash.xxh3_128_hexdigest(data)
         path = self._path(digest)
-        if not path.is_file() or path.stat().st_size != len(memoryview(data).cast("B")):
+        size = len(memoryview(data).cast("B"))
+        if not path.is_file() or path.stat().st_size != size:
             path.parent.mkdir(exist_ok=True)
             temp = path.with_name(f".{digest}.{uuid.uuid4().hex[:8]}.tmp")
             try:
@@ -94,8 +101,21 @@ class Cache:
             except OSError:
                 temp.unlink(missing_ok=True)
                 raise
-        self._touch(digest, path.stat().st_size)
-        return digest
+        return digest, size
+
+    def record_blobs(self, written: list[tuple[str, str, int]]) -> None:
+        """Catalog rows for blobs written by `write_blob`: (result key, digest, size) each."""
+        now = time.time_ns()
+        with self.catalog.transaction() as db:
+            for key, digest, size in written:
+                db.execute(
+                    "INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
+                    "size = excluded.size, last_used = excluded.last_used",
+                    (digest, size, now),
+                )
+                db.execute(
+                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", (key, digest, 0, size, digest)
+                )
 
     def adopt(self, path: Path, digest: str) -> bool:
         """Make an existing file (a published output shard) a blob under `digest`, by hard link.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -165,6 +166,58 @@ def _read_hashed(info: TensorInfo, block_size: int) -> tuple[bytearray, TensorDi
     return buf, hasher.digests(), before, FileStat.of(info.path)
 
 
+class BlobWriter:
+    """A thread that encodes and writes per-expert blobs while the executor goes on.
+
+    zlib and file writes release the GIL, so on two cores the coding overlaps the
+    arithmetic. At most `depth` results wait in line (they hold whole tensors);
+    the executor records finished blobs in the catalog (`drain`), so SQLite is
+    only ever used from its thread.
+    """
+
+    def __init__(self, cache: Cache, depth: int = 2) -> None:
+        self._cache = cache
+        self._queue: queue.Queue[tuple[str, Callable[[], bytes]] | None] = queue.Queue(maxsize=depth)
+        self._done: list[tuple[str, str, int]] = []
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mergebuild-blob-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            key, encode = job
+            try:
+                if self._error is None:
+                    digest, size = self._cache.write_blob(encode())
+                    with self._lock:
+                        self._done.append((key, digest, size))
+            except BaseException as e:  # handed to the executor, which raises it
+                self._error = e
+
+    def submit(self, key: str, encode: Callable[[], bytes]) -> None:
+        self._raise()
+        self._queue.put((key, encode))
+
+    def drain(self) -> None:
+        """Record the blobs written so far."""
+        self._raise()
+        with self._lock:
+            done, self._done = self._done, []
+        if done:
+            self._cache.record_blobs(done)
+
+    def close(self) -> None:
+        """Finish every queued blob and record it."""
+        self._queue.put(None)
+        self._thread.join()
+        self.drain()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
 class SourceReader:
     """Reads source tensors by byte range, hashing them as they stream in.
 
@@ -181,8 +234,9 @@ class SourceReader:
         self._catalog_digests: dict[tuple[str, str], TensorDigests] = {}
         self._stats: dict[str, FileStat] = {}
         self._held: dict[tuple[str, str], bytearray] = {}
-        #: Set by the executor: the read-ahead thread and the node being built.
+        #: Set by the executor: the read-ahead and blob-writer threads, and the node being built.
         self.read_ahead: ReadAhead | None = None
+        self.blob_writer: BlobWriter | None = None
         self.node_index = 0
 
     def grid(self, info: TensorInfo) -> BlockGrid:
@@ -427,9 +481,9 @@ class _Context:
         if key is None:
             expert, base = self._reader.digests(info), self._reader.digests(self._node.base)
             key = expert_work_key(recipe, self._seed, expert.content, base.content, self.shape, blocks)
-        blob = sparse_delta.encode(sparse, self._known_base(), info.torch_dtype)
-        digest = cache.put(blob)
-        cache.record_results([(key, Result(digest, 0, len(blob), digest))])
+        base_tensor, dtype = self._known_base(), info.torch_dtype
+        assert self._reader.blob_writer is not None
+        self._reader.blob_writer.submit(key, lambda: sparse_delta.encode(sparse, base_tensor, dtype))
         return sparse
 
 
@@ -448,11 +502,20 @@ def execute(
         for node, p in zip(target.nodes, plan.nodes, strict=True)
     ]
     reader.read_ahead = ReadAhead(jobs, reader.block_size, READ_AHEAD_BYTES)
+    reader.blob_writer = BlobWriter(reader.cache)
+    failed = True
     try:
         _execute_nodes(target, plan, reader, write, on_tensor, report)
+        failed = False
     finally:
+        try:
+            reader.blob_writer.close()
+        except BaseException:
+            if not failed:
+                raise  # otherwise the build's own error is the one to report
         reader.read_ahead.close()
         reader.read_ahead = None
+        reader.blob_writer = None
     report.seconds = time.perf_counter() - started
     return report
 
@@ -480,8 +543,9 @@ def _execute_nodes(
         key = xxhash.xxh3_128_hexdigest(record.encode())
         reader.cache.catalog.record_key(key, record)
         report.results.append(TensorResult(node.name, key, write(node.name, tensor), outcome))
-        assert reader.read_ahead is not None
+        assert reader.read_ahead is not None and reader.blob_writer is not None
         reader.read_ahead.done(index)
+        reader.blob_writer.drain()
         if on_tensor is not None:
             on_tensor(node)
 

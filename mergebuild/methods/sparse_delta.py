@@ -30,17 +30,16 @@ _MAGIC = b"MBSD2\n"
 
 @dataclass(frozen=True)
 class SparseDelta:
-    """Which elements of an expert's delta are kept, their expert values, and the rescale factor."""
+    """Which elements of an expert's delta are kept, the expert's values there, and the rescale factor."""
 
     mask: torch.Tensor  # bool, the tensor's shape
-    values: torch.Tensor  # float32, 1-D: the expert's values where mask is set, in flat order
+    #: float32, the tensor's shape: the expert's values where `mask` is set (elsewhere unspecified).
+    expert: torch.Tensor
     factor: torch.Tensor | None  # float32 0-d L1 rescale factor, or None
 
     def delta(self, base: torch.Tensor) -> torch.Tensor:
         """The kept delta (float32) against `base`, the same base the mask was made with."""
-        expert = torch.zeros(base.shape, dtype=torch.float32)
-        expert.masked_scatter_(self.mask, self.values)
-        return kept_delta(self.mask, expert, base, self.factor)
+        return kept_delta(self.mask, self.expert, base, self.factor)
 
 
 def kept_delta(
@@ -65,28 +64,26 @@ def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> bytes
 
     For 2-byte dtypes the kept values are coded against the base: a fine-tune
     moves a weight by a few units in the last place, so the difference of the
-    two bit patterns (as integers) almost always fits in a signed byte; those
-    bytes are zlib-compressed, and the rare value that does not fit is stored
-    whole. On a bf16 fine-tune this takes a kept value from 2 bytes to about
-    0.8. The mask is zlib-compressed too. `base` (float32) is the base the mask
-    was made with; `decode` needs the same one.
+    two bit patterns (wrapping 16-bit integers) almost always fits in a signed
+    byte; those bytes are zlib-compressed, and the rare value that does not fit
+    is stored whole. On a bf16 fine-tune this takes a kept value from 2 bytes to
+    about 0.8. The mask is zlib-compressed too. `base` (float32) is the base the
+    mask was made with; `decode` needs the same one.
     """
     flat_mask = sparse.mask.reshape(-1)
-    values = sparse.values.to(dtype)
-    if not torch.equal(values.to(torch.float32), sparse.values):
-        raise AssertionError("kept values are not representable in the expert's dtype")
     sections = [zlib.compress(np.packbits(flat_mask.numpy()).tobytes(), 1)]
     if dtype.itemsize == 2:
-        bits = values.view(torch.int16)
-        diff = bits.to(torch.int32) - base.reshape(-1)[flat_mask].to(dtype).view(torch.int16).to(torch.int32)
+        bits = sparse.expert.reshape(-1).to(dtype).view(torch.int16)
+        diff = bits - base.reshape(-1).to(dtype).view(torch.int16)  # wraps: decode wraps back
         small = (diff >= -127) & (diff <= 127)
-        codes = torch.where(small, diff, _ESCAPE).to(torch.int8)
-        sections += [zlib.compress(codes.numpy().tobytes(), 1), bits[~small].numpy().tobytes()]
+        codes = torch.where(small, diff, _ESCAPE).to(torch.int8)[flat_mask]
+        escapes = bits[flat_mask & ~small]
+        sections += [zlib.compress(codes.numpy().tobytes(), 1), escapes.numpy().tobytes()]
     else:
-        sections.append(values.view(torch.uint8).numpy().tobytes())
+        sections.append(sparse.expert.reshape(-1)[flat_mask].to(dtype).view(torch.uint8).numpy().tobytes())
     header = {
         "shape": list(sparse.mask.shape),
-        "count": int(values.numel()),
+        "count": int(flat_mask.sum()),
         "dtype": DTYPE_NAMES[dtype],
         "factor": None if sparse.factor is None else struct.pack("<f", float(sparse.factor)).hex(),
         "sections": [len(section) for section in sections],
@@ -111,21 +108,25 @@ def decode(data: bytes, base: torch.Tensor) -> SparseDelta:
     shape = tuple(header["shape"])
     n = int(np.prod(shape)) if shape else 1
     packed = np.frombuffer(zlib.decompress(sections[0]), dtype=np.uint8)
-    mask = torch.from_numpy(np.unpackbits(packed, count=n).astype(bool)).reshape(shape)
+    flat_mask = torch.from_numpy(np.unpackbits(packed, count=n).astype(bool))
     dtype = DTYPES[header["dtype"]]
     if dtype.itemsize == 2:
-        codes = torch.frombuffer(bytearray(zlib.decompress(sections[1])), dtype=torch.int8).to(torch.int32)
-        bits = base.reshape(-1)[mask.reshape(-1)].to(dtype).view(torch.int16).to(torch.int32) + codes
-        escaped = codes == _ESCAPE
+        codes = torch.zeros(n, dtype=torch.int8)
+        kept = torch.frombuffer(bytearray(zlib.decompress(sections[1])), dtype=torch.int8)
+        codes.masked_scatter_(flat_mask, kept)
+        bits = base.reshape(-1).to(dtype).view(torch.int16) + codes  # wraps as encode did
         if sections[2]:
-            bits[escaped] = torch.frombuffer(bytearray(sections[2]), dtype=torch.int16).to(torch.int32)
-        values = bits.to(torch.int16).view(dtype)
+            escaped = flat_mask & (codes == _ESCAPE)
+            bits.masked_scatter_(escaped, torch.frombuffer(bytearray(sections[2]), dtype=torch.int16))
+        expert = bits.view(dtype).to(torch.float32)
     else:
+        expert = torch.zeros(n, dtype=torch.float32)
         raw = bytearray(sections[1])
-        values = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        if raw:
+            expert.masked_scatter_(flat_mask, torch.frombuffer(raw, dtype=dtype).to(torch.float32))
     factor = header["factor"]
     scale = None if factor is None else torch.tensor(struct.unpack("<f", bytes.fromhex(factor))[0])
-    return SparseDelta(mask, values.to(torch.float32), scale)
+    return SparseDelta(flat_mask.reshape(shape), expert.reshape(shape), scale)
 
 
 #: The code of a kept value whose bit difference from the base does not fit in a byte.

@@ -113,7 +113,7 @@ class TaskArithmeticFamily(Method):
             kept = kept_delta(mask, model, base, None)
             factor = l1_factor(delta, kept) if recipe["rescale"] else None
             fresh.append(kept * factor if factor is not None else kept)
-            return SparseDelta(mask, model[mask], factor)
+            return SparseDelta(mask, model, factor)
 
         sparse = ctx.expert_work(i, recipe, compute)
         return (fresh[0] if fresh else sparse.delta(base)) * weight
