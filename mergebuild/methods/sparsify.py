@@ -30,8 +30,13 @@ import torch
 
 #: Dtypes whose values convert to float32 exactly (so float32 keys order them).
 _KEYED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: Elements per block of the streaming passes (the block's int32 buffers stay in cache).
-_BLOCK = 1 << 18
+#: Elements per block of the streaming passes: the block's buffers stay in cache, and at
+#: torch's intra-op grain size (32768) each op runs on the calling thread. Bigger blocks
+#: fork and join the OpenMP pool once per op, and a join waits out a scheduler time
+#: slice whenever another thread (read-ahead, another process) holds a core: measured
+#: up to 10x slower on 2 busy cores, while these blocks cost ~25% more CPU time than
+#: 256K-element ones on an idle core.
+_BLOCK = 1 << 15
 
 
 class _OrderStat(NamedTuple):
@@ -92,13 +97,13 @@ def _select(keys: _Keys, ranks: list[int]) -> list[_OrderStat]:
     """Order statistics of `keys` at the given ascending 0-based ranks (radix select)."""
     offset = 0 if keys.absolute else 1 << 15  # high halves in [-2^15, 2^15) -> [0, 2^16)
     hist = torch.zeros((1 << 15) + 2 * offset, dtype=torch.int64, device=keys.buf.device)
-    high_buf = torch.empty_like(keys.buf)
+    high_buf = torch.empty_like(keys.buf, dtype=torch.int64)  # scatter_add_ is fastest on int64
     ones = torch.ones(keys.buf.numel(), dtype=torch.int64, device=keys.buf.device)
     for _, block in keys:
         high = torch.bitwise_right_shift(block, 16, out=high_buf[: block.numel()])
         if offset:
             high += offset
-        hist.index_add_(0, high, ones[: block.numel()])
+        hist.scatter_add_(0, high, ones[: block.numel()])
     cum = hist.cumsum(0)
     rank_bins = [int(torch.searchsorted(cum, rank, right=True)) for rank in ranks]  # first cum > rank
     bins = {b: int(cum[b]) - int(hist[b]) for b in rank_bins}  # bin -> number of keys in lower bins
