@@ -7,8 +7,9 @@ elements tied with the k-th largest; breadcrumbs ranks tied elements in
 ascending order by index (at the top boundary the lowest indices are kept, at
 the bottom boundary the lowest indices are dropped).
 
-How thresholds are found (float32, float16 and bfloat16 inputs; other dtypes
-take a slower kthvalue path with the same results): finite floats map to int32
+How thresholds are found (float32, float16 and bfloat16 inputs of at least
+`_SMALL` elements; the others take a kthvalue path with the same results, which
+is also what the tests compare against): finite floats map to int32
 keys that order like the values (for |x|, the float32 bit pattern with the sign
 cleared). An order statistic is a two-level radix select: a histogram of the
 keys' high 16 bits locates the bin holding the wanted rank, and a histogram of
@@ -37,6 +38,11 @@ _KEYED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: up to 10x slower on 2 busy cores, while these blocks cost ~25% more CPU time than
 #: 256K-element ones on an idle core.
 _BLOCK = 1 << 15
+#: torch's intra-op grain size: ops on fewer elements never fork the OpenMP pool.
+_GRAIN = 1 << 15
+#: Below this many elements, kthvalue and a cumsum cost less than the radix select's
+#: fixed work (zeroing and scanning 2^15 + 2^16 counters, about 0.3 ms).
+_SMALL = 1 << 15
 
 
 class _OrderStat(NamedTuple):
@@ -93,10 +99,19 @@ class _Keys:
             yield lo, keys
 
 
+def _zeros(size: int, device: torch.device) -> torch.Tensor:
+    """torch.zeros(size, dtype=int64), zeroed in slices of torch's grain size, so that no
+    OpenMP fork/join happens (see _BLOCK)."""
+    out = torch.empty(size, dtype=torch.int64, device=device)
+    for lo in range(0, size, _GRAIN):
+        out[lo : lo + _GRAIN].zero_()
+    return out
+
+
 def _select(keys: _Keys, ranks: list[int]) -> list[_OrderStat]:
     """Order statistics of `keys` at the given ascending 0-based ranks (radix select)."""
     offset = 0 if keys.absolute else 1 << 15  # high halves in [-2^15, 2^15) -> [0, 2^16)
-    hist = torch.zeros((1 << 15) + 2 * offset, dtype=torch.int64, device=keys.buf.device)
+    hist = _zeros((1 << 15) + 2 * offset, keys.buf.device)
     high_buf = torch.empty_like(keys.buf, dtype=torch.int64)  # scatter_add_ is fastest on int64
     ones = torch.ones(keys.buf.numel(), dtype=torch.int64, device=keys.buf.device)
     for _, block in keys:
@@ -107,18 +122,17 @@ def _select(keys: _Keys, ranks: list[int]) -> list[_OrderStat]:
     cum = hist.cumsum(0)
     rank_bins = [int(torch.searchsorted(cum, rank, right=True)) for rank in ranks]  # first cum > rank
     bins = {b: int(cum[b]) - int(hist[b]) for b in rank_bins}  # bin -> number of keys in lower bins
-    low_hists = {b: torch.zeros(1 << 16, dtype=torch.int64, device=hist.device) for b in bins}
-    in_bin = torch.empty(keys.buf.shape, dtype=torch.bool, device=hist.device)
+    # Level 2: histogram of key - (first key of the bin), clamped to [-1, 2^16] so that
+    # keys outside the bin land in the two end counters; int64, so nothing wraps.
+    low_hists = {b: _zeros((1 << 16) + 2, hist.device) for b in bins}
     for _, block in keys:
-        high = torch.bitwise_right_shift(block, 16, out=high_buf[: block.numel()])
-        if offset:
-            high += offset
+        m = block.numel()
         for b, low_hist in low_hists.items():
-            low = block[torch.eq(high, b, out=in_bin[: block.numel()])].bitwise_and_(0xFFFF)
-            low_hist.index_add_(0, low, ones[: low.numel()])
+            low = high_buf[:m].copy_(block).sub_((b - offset) << 16).clamp_(-1, 1 << 16).add_(1)
+            low_hist.scatter_add_(0, low, ones[:m])
     stats = []
     for rank, b in zip(ranks, rank_bins, strict=True):
-        low_hist = low_hists[b]
+        low_hist = low_hists[b][1:-1]
         low_cum = low_hist.cumsum(0)
         low = int(torch.searchsorted(low_cum, rank - bins[b], right=True))
         below = bins[b] + int(low_cum[low]) - int(low_hist[low])
@@ -173,7 +187,7 @@ def _rank_range(x: torch.Tensor, lo_rank: int, hi_rank: int, absolute: bool) -> 
     lo_rank, hi_rank = max(lo_rank, 0), min(hi_rank, n)
     if hi_rank <= lo_rank:
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    if x.dtype not in _KEYED_DTYPES:
+    if x.dtype not in _KEYED_DTYPES or n < _SMALL:
         return _keep_rank_range_by_kthvalue(x.abs() if absolute else x, lo_rank, hi_rank)
     keys = _Keys(x, absolute)
     wanted = [r for r, needed in ((lo_rank, lo_rank > 0), (hi_rank - 1, hi_rank < n)) if needed]
@@ -234,7 +248,7 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     k = max(1, int(density * n))
     if k >= n:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
-    if delta.dtype not in _KEYED_DTYPES:
+    if delta.dtype not in _KEYED_DTYPES or n < _SMALL:
         w = delta.abs().reshape(-1)
         threshold = torch.kthvalue(w, n - k + 1).values
         keep = w > threshold

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from unittest import mock
 
 import pytest
@@ -294,7 +296,20 @@ def tied_tensors(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = (torch.float
 
 
 #: Blocks of the streaming passes: tiny ones make every tie and flip cross blocks.
-blocks = st.sampled_from([1, 2, 3, 5, 16, sparsify._BLOCK])
+#: None: the configuration as shipped (small tensors take the kthvalue path).
+blocks = st.sampled_from([1, 2, 3, 5, 16, None])
+
+
+@contextlib.contextmanager
+def radix_path(block: int | None) -> Iterator[None]:
+    """With a block size: the radix select for every size, in blocks of `block` elements."""
+    if block is None:
+        yield
+        return
+    with mock.patch.object(sparsify, "_BLOCK", block), mock.patch.object(sparsify, "_SMALL", 0):
+        yield
+
+
 KEYED = (torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 EQUIV = settings(max_examples=300, deadline=None, database=None, derandomize=True)
 
@@ -308,7 +323,7 @@ def rank_densities(draw: st.DrawFn, n: int) -> float:
 @given(delta=tied_tensors(KEYED), block=blocks, data=st.data())
 def test_magnitude_equals_the_reference(delta: torch.Tensor, block: int, data: st.DataObject) -> None:
     density = data.draw(rank_densities(delta.numel()))
-    with mock.patch.object(sparsify, "_BLOCK", block):
+    with radix_path(block):
         mask = sparsify.magnitude(delta, density)
     assert mask.shape == delta.shape and mask.dtype == torch.bool
     assert torch.equal(mask, reference_magnitude(delta, density))
@@ -320,7 +335,7 @@ def test_magnitude_outliers_equals_the_reference(
     delta: torch.Tensor, block: int, gamma: float, data: st.DataObject
 ) -> None:
     density = data.draw(rank_densities(delta.numel()))
-    with mock.patch.object(sparsify, "_BLOCK", block):
+    with radix_path(block):
         mask = sparsify.magnitude_outliers(delta, density, gamma)
     assert mask.shape == delta.shape
     assert torch.equal(mask, reference_magnitude_outliers(delta, density, gamma))
@@ -333,12 +348,12 @@ def test_keep_rank_range_equals_the_reference(values: torch.Tensor, block: int, 
     n = values.numel()
     lo = data.draw(st.integers(0, n - 1))
     hi = data.draw(st.one_of(st.just(n), st.integers(lo + 1, n)))
-    with mock.patch.object(sparsify, "_BLOCK", block):
+    with radix_path(block):
         mask = sparsify.keep_rank_range(values, lo, hi)
     assert mask.shape == values.shape
     assert torch.equal(mask, reference_keep_rank_range(values, lo, hi))
     neg = -values.abs()
-    with mock.patch.object(sparsify, "_BLOCK", block):
+    with radix_path(block):
         assert torch.equal(sparsify.keep_rank_range(neg, 0, hi), reference_keep_rank_range(neg, 0, hi))
 
 
@@ -350,7 +365,7 @@ def test_all_equal_tensors(n: int, value: float) -> None:
     for density in (1 / n, 0.5, 1.0):
         k = max(1, int(density * n))
         assert sparsify.magnitude(delta, density).tolist() == [True] * k + [False] * (n - k)
-    with mock.patch.object(sparsify, "_BLOCK", 7):
+    with radix_path(7):
         assert torch.equal(sparsify.magnitude(delta, 0.3), reference_magnitude(delta, 0.3))
         lo, hi = n // 3, n - n // 4
         assert torch.equal(sparsify.keep_rank_range(delta, lo, hi), reference_keep_rank_range(delta, lo, hi))
