@@ -210,9 +210,7 @@ def test_index_cannot_point_outside_the_model_directory(tmp_path: Path, shard: s
         ModelSource.open(model)
 
 
-def test_build_from_pickle_experts_matches_the_safetensors_build(
-    tmp_path: Path, llama: Family, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_build_from_pickle_experts_matches_the_safetensors_build(tmp_path: Path, llama: Family) -> None:
     """A merge of weights-only-loaded pickle experts is bit-identical to the safetensors merge."""
     pickled = []
     for expert in llama.experts:
@@ -226,19 +224,12 @@ def test_build_from_pickle_experts_matches_the_safetensors_build(
         models = [{"path": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in experts]
         return {"method": "ties", "base": str(llama.base), "models": models, "output": output}
 
-    options = BuildOptions(cache_dir=tmp_path / "cache")
     reference = write_spec(tmp_path / "ref.json", spec(list(llama.experts), "ref-out"))
-    build(reference, options)
-    # Until the CLI's --allow-pickle reaches the build, opt in by wrapping the opener.
-    real_open = ModelSource.open.__func__  # type: ignore[attr-defined]
-    convert = tmp_path / "cache" / CONVERTED_DIR
-
-    def opted_in(cls: type[ModelSource], path: Path, *args: object, **kwargs: object) -> ModelSource:
-        return real_open(cls, path, allow_pickle=True, convert_dir=convert)
-
-    monkeypatch.setattr(ModelSource, "open", classmethod(opted_in))
+    build(reference, BuildOptions(cache_dir=tmp_path / "cache"))
     from_pickles = write_spec(tmp_path / "pkl.json", spec(pickled, "pkl-out"))
-    build(from_pickles, options)
+    with pytest.raises(InputError, match="--allow-pickle"):
+        build(from_pickles, BuildOptions(cache_dir=tmp_path / "cache"))
+    build(from_pickles, BuildOptions(cache_dir=tmp_path / "cache", allow_pickle=True))
     tensors = {
         name: json.loads(lock_path(s).read_text())["targets"]["default"]["tensors"]
         for name, s in (("ref", reference), ("pkl", from_pickles))
@@ -246,4 +237,4 @@ def test_build_from_pickle_experts_matches_the_safetensors_build(
     assert {k: v["digest"] for k, v in tensors["ref"].items()} == {
         k: v["digest"] for k, v in tensors["pkl"].items()
     }
-    assert len(list(convert.iterdir())) == len(llama.experts)
+    assert len(list((tmp_path / "cache" / CONVERTED_DIR).iterdir())) == len(llama.experts)
