@@ -142,9 +142,7 @@ def run(args: list[str], cwd: Path) -> tuple[int, str]:
 def leftovers(work: Path) -> list[str]:
     """Staging and retired output directories, and lockfile temp files, beside the output."""
     return sorted(
-        p.name
-        for p in work.iterdir()
-        if p.name.startswith((f".{OUT}.staging-", f".{OUT}.old-", f".{LOCK}.tmp"))
+        p.name for p in work.iterdir() if p.name.startswith((f".{OUT}.staging-", f".{OUT}.old-", f".{LOCK}."))
     )
 
 
@@ -247,7 +245,7 @@ def infer_phase(work: Path, finished: bool, republished: bool, lock_rewritten: b
         return "publish"
     if staging:
         return "write" if any(f for p in staging for f in p.glob("*.safetensors")) else "read/compute"
-    if any(n.startswith(f".{LOCK}.tmp") for n in names) or (republished and not lock_rewritten):
+    if any(n.startswith(f".{LOCK}.") for n in names) or (republished and not lock_rewritten):
         return "lockfile"
     if lock_rewritten:
         return "exiting"  # everything written; killed on the way out
