@@ -585,7 +585,8 @@ def _compute(
     report: ExecutionReport,
     allocation: tuple[Blocks, ...],
 ) -> torch.Tensor:
-    if node.action == "copy":
+    # Under a budget, a tensor with no expert block taken has a zero delta: it is the base.
+    if node.action == "copy" or (allocation and all(blocks == () for blocks in allocation)):
         assert node.base is not None
         tensor = reader.read(node.base)
         return tensor.to(node.dtype) if node.dtype != tensor.dtype else tensor
