@@ -169,13 +169,39 @@ def check_output_path(output: Path, force: bool) -> None:
 
 def staging_dir(output: Path) -> Path:
     """A fresh staging directory beside the output (same filesystem, so rename is atomic)."""
-    staging = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:12]}"
+    sweep_debris(output)
+    staging = output.parent / f".{output.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
     except OSError as e:
         raise InputError(f"{output}: cannot create the output directory: {e.strerror or e}") from e
     return staging
+
+
+def sweep_debris(output: Path) -> None:
+    """Remove staging and retired directories beside `output` left by builds that were killed.
+
+    Their names carry the building process's id; one whose process is gone is debris
+    (a killed build cannot clean up after itself). A live process's are left alone.
+    """
+    if not output.parent.is_dir():
+        return
+    for kind in ("staging", "old"):
+        for path in output.parent.glob(f".{output.name}.{kind}-*"):
+            pid = path.name.removeprefix(f".{output.name}.{kind}-").split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def copy_side_files(staging: Path, model_dir: Path | None, tokenizer_dir: Path | None) -> list[OutputFile]:
@@ -195,7 +221,7 @@ def publish(staging: Path, output: Path, force: bool) -> None:
     check_output_path(output, force)
     try:
         if output.exists():
-            retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:12]}"
+            retired = output.parent / f".{output.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             os.rename(output, retired)
             os.rename(staging, output)
             shutil.rmtree(retired, ignore_errors=True)

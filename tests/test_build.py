@@ -268,3 +268,19 @@ def test_nan_in_an_input_is_refused(tmp_path: Path, llama: Family) -> None:
     with pytest.raises(InputError, match=f"tensor '{name}' holds NaN or Inf"):
         build(spec, options(tmp_path))
     assert not (tmp_path / "out").exists()
+
+
+def test_debris_of_killed_builds_is_swept(tmp_path: Path, llama: Family) -> None:
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftovers = [tmp_path / f".out.staging-{dead.pid}-x", tmp_path / f".out.old-{dead.pid}-x"]
+    live = tmp_path / f".out.staging-{os.getpid()}-busy"
+    for path in [*leftovers, live]:
+        path.mkdir()
+    spec = write_spec(tmp_path / "s.json", ties_spec(llama, tmp_path / "out"))
+    build(spec, options(tmp_path))
+    assert not any(p.exists() for p in leftovers)
+    assert live.exists()  # a running build's staging directory is not touched
