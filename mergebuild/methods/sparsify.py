@@ -272,14 +272,6 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> tor
     return _rank_range(delta, n_bottom, n_bottom + target, absolute=True)
 
 
-def random(uniforms: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each element with probability `density` (DARE).
-
-    `rng.keep_mask` gives the same mask straight from the stream key, faster.
-    """
-    return uniforms < density
-
-
 def della(delta: torch.Tensor, uniforms: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Keep each element with a probability that rises linearly with its |delta| rank in its row.
 

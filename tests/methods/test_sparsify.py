@@ -128,7 +128,7 @@ def test_keep_rank_range_breaks_ties_by_flat_index(values: list[int], lo: int) -
 @given(density=st.floats(0.02, 0.98), key=st.integers(0, 2**64 - 1))
 def test_random_kept_fraction_is_close_to_density(density: float, key: int) -> None:
     n = 200_000
-    mask = sparsify.random(rng.uniform(key, 0, n), density)
+    mask = rng.keep_mask(key, 0, n, density)
     fraction = float(mask.sum()) / n
     assert abs(fraction - density) < 5 * math.sqrt(density * (1 - density) / n)
 
