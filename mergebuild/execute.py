@@ -35,13 +35,10 @@ from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_k
 from mergebuild.methods import sparse_delta
 from mergebuild.methods.base import Scalar
 from mergebuild.methods.sparse_delta import SparseDelta
-from mergebuild.plan import Blocks, TargetPlan
+from mergebuild.plan import HOLD_BYTES, Blocks, TargetPlan
 from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor, read_bytes
 from mergebuild.tensor_checks import all_finite
 
-#: Inputs of one tensor whose digests are unknown are read ahead (and hashed) to
-#: look the node up before computing it, when together they fit in this many bytes.
-HOLD_BYTES = 512 * 2**20
 #: Read-ahead kept in memory at most (tensors for the nodes after the current one).
 READ_AHEAD_BYTES = 512 * 2**20
 

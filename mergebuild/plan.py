@@ -34,6 +34,9 @@ from mergebuild.errors import InputError, LockMismatch
 from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_record
 from mergebuild.safetensors_io import TensorInfo
 
+#: Inputs of one tensor whose digests are unknown are read ahead (and hashed) to
+#: look the node up before computing it, when together they fit in this many bytes.
+HOLD_BYTES = 512 * 2**20
 #: The unit of disk reads a budget is counted in.
 PAGE = 4096
 #: Blocks of one expert's tensor taken by the plan; None: the whole tensor.
@@ -173,6 +176,16 @@ def _plan_node(
     if unknown:
         key = None
         reasons = tuple(f"{label[i]}: not in the catalog (new or changed file)" for i in unknown)
+        hold = sum(node.inputs[i].nbytes for i in unknown) <= HOLD_BYTES
+        if previous is not None and hold:
+            # Built before: hashing the unknown inputs may show nothing changed. Only those are
+            # sure to be read; the others are read if the output turns out to have changed.
+            reads = tuple(
+                InputRead(label[i], node.name, node.inputs[i].nbytes, "hash", i, True) for i in unknown
+            )
+            return NodePlan(
+                node.name, "compute", None, (*reasons, "others read only if it changed"), reads, allocation
+            )
     else:
         record = node_record(
             node, target.method, target.spec.seed, tuple(d.content for d in digests), allocation
