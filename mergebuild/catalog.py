@@ -197,7 +197,9 @@ class Catalog:
             yield self._db
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A failed COMMIT (a full disk) has already rolled back: keep its error, not ROLLBACK's.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
 
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:

@@ -72,6 +72,7 @@ class ReadAhead:
         self._max_bytes = max_bytes
         self._ready: dict[tuple[int, str, str], tuple[bytearray, TensorDigests, FileStat, FileStat]] = {}
         self._held_bytes = 0
+        self._taken: set[tuple[int, str, str]] = set()
         self._done_through = -1
         self._error: BaseException | None = None
         self._stop = False
@@ -111,9 +112,9 @@ class ReadAhead:
         self, index: int, info: TensorInfo
     ) -> tuple[bytearray, TensorDigests, FileStat, FileStat] | None:
         """The read-ahead of `info` for node `index`, waiting for it; None if it was not planned."""
-        if info not in self._jobs[index]:
-            return None
         key = (index, str(info.path), info.name)
+        if info not in self._jobs[index] or key in self._taken:
+            return None  # not planned, or a second read of one tensor (a model listed twice)
         with self._cond:
             self._waiting += 1
             self._cond.notify_all()
@@ -123,6 +124,7 @@ class ReadAhead:
             if self._error is not None:
                 raise self._error
             item = self._ready.pop(key)
+            self._taken.add(key)
             self._held_bytes -= info.nbytes
             self._cond.notify_all()
             return item
@@ -495,7 +497,7 @@ def execute(
     report = ExecutionReport()
     started = time.perf_counter()
     jobs = [
-        [node.inputs[r.position] for r in p.reads if r.whole]
+        list(dict.fromkeys(node.inputs[r.position] for r in p.reads if r.whole))
         for node, p in zip(target.nodes, plan.nodes, strict=True)
     ]
     reader.read_ahead = ReadAhead(jobs, reader.block_size, READ_AHEAD_BYTES)

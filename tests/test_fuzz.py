@@ -205,14 +205,7 @@ def plausible_merge(name: str) -> st.SearchStrategy:
     return st.fixed_dictionaries(
         {
             "method": st.just(name),
-            # Distinct models: the same model twice hangs the build today (see
-            # test_reliability.py::test_the_same_model_twice_builds).
-            "models": st.lists(
-                model,
-                min_size=method.min_models,
-                max_size=max(method.min_models, most),
-                unique_by=lambda m: m["path"],
-            ),
+            "models": st.lists(model, min_size=method.min_models, max_size=max(method.min_models, most)),
             "parameters": params_for(method, "method"),
         },
         optional={

@@ -543,11 +543,6 @@ def test_output_that_cannot_be_created_is_a_one_line_error(tmp_path: Path, how: 
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="execute.ReadAhead keys read-ahead by (node, path, tensor): the second take() of a tensor "
-    "listed twice in one node waits forever (a spec naming the same model twice hangs)",
-)
 def test_the_same_model_twice_builds(tmp_path: Path) -> None:
     write_family(tmp_path)
     spec = ties()
