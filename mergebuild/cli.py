@@ -299,6 +299,7 @@ def explain_command(
 def index_command(
     spec: SpecArg,
     target: TargetOpt = None,
+    as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
     tla_str: TlaStr = [],  # noqa: B006
     tla_code: TlaCode = [],  # noqa: B006
@@ -309,7 +310,10 @@ def index_command(
     from mergebuild.build import index
 
     read = index(spec, _options(cache_dir, target, _jsonnet_args(tla_str, tla_code, ext_str, ext_code)))
-    out.print(f"indexed: read {_size(read)}")
+    if as_json:
+        print(json.dumps({"bytes_read": read}))
+    else:
+        out.print(f"indexed: read {_size(read)}")
 
 
 @app.command("gc")
