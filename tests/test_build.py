@@ -284,3 +284,35 @@ def test_debris_of_killed_builds_is_swept(tmp_path: Path, llama: Family) -> None
     build(spec, options(tmp_path))
     assert not any(p.exists() for p in leftovers)
     assert live.exists()  # a running build's staging directory is not touched
+
+
+def test_source_changed_during_the_build_fails_and_publishes_nothing(
+    tmp_path: Path, llama: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from mergebuild import execute as execute_module
+
+    models = tmp_path / "models"
+    shutil.copytree(llama.experts[0], models / "e0")
+    spec_dict = ties_spec(llama, tmp_path / "out")
+    spec_dict["models"][0]["path"] = str(models / "e0")
+    spec = write_spec(tmp_path / "s.json", spec_dict)
+    real = execute_module.read_bytes
+    touched: list[Path] = []
+
+    def read_then_rewrite(info, start, end, fd=None, on_chunk=None):  # type: ignore[no-untyped-def]
+        data = real(info, start, end, fd=fd, on_chunk=on_chunk)
+        if info.path.parent == models / "e0" and not touched:
+            # Another process rewrites the checkpoint while the build is reading it.
+            st = info.path.stat()
+            os.utime(info.path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+            touched.append(info.path)
+        return data
+
+    monkeypatch.setattr(execute_module, "read_bytes", read_then_rewrite)
+    with pytest.raises(ExecutionError, match="changed while the build was reading it"):
+        build(spec, options(tmp_path))
+    assert touched
+    assert not (tmp_path / "out").exists() and not lock_path(spec).exists()
+    assert not list(tmp_path.glob(".out.staging-*"))
