@@ -138,8 +138,8 @@ def make_delta(kind: str, n: int) -> torch.Tensor:
 def cases(delta: torch.Tensor) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     """kernel -> (old, new) zero-argument calls on `delta`."""
     n = delta.numel()
-    rows = delta.view(-1, 4096) if n % 4096 == 0 else delta.view(1, -1)
-    u = rng.uniform(KEY, 0, n).view(rows.shape)
+    rows = delta[: n - n % 4096].view(-1, 4096)  # della ranks within rows of a 4096-wide matrix
+    u = rng.uniform(KEY, 0, rows.numel()).view(rows.shape)
     kept = delta * rng.keep_mask(KEY, 0, n, 0.3)
     neg = -delta.abs()
     return {

@@ -36,7 +36,7 @@ _KEYED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: fork and join the OpenMP pool once per op, and a join waits out a scheduler time
 #: slice whenever another thread (read-ahead, another process) holds a core: measured
 #: up to 10x slower on 2 busy cores, while these blocks cost ~25% more CPU time than
-#: 256K-element ones on an idle core.
+#: 256K-element ones on one core.
 _BLOCK = 1 << 15
 #: torch's intra-op grain size: ops on fewer elements never fork the OpenMP pool.
 _GRAIN = 1 << 15
