@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
 from mergebuild import freshness, lockfile
 from mergebuild import spec as spec_module
 from mergebuild.cache import Cache, Result, exclusive
@@ -154,10 +152,7 @@ def _plan(
         replay = (entry or {}).get("plan", {}).get("allocation")
         if replay is None:
             raise LockMismatch(f"--locked: the lockfile has no budget allocation for target {target.name!r}")
-    labels = {
-        str(s.path): _source_key(spec, s.path)
-        for s in ((target.base,) if target.base else ()) + target.models
-    }
+    labels = {str(s.path): _source_key(spec, s.path) for s in target.sources}
     return plan_target(target, cache, labels, entry, replay)
 
 
@@ -261,7 +256,7 @@ def _up_to_date(target: CompiledTarget) -> TargetSummary:
 
 
 def _source_keys(spec: Spec, target: CompiledTarget) -> list[str]:
-    return [_source_key(spec, s.path) for s in ((target.base,) if target.base else ()) + target.models]
+    return [_source_key(spec, s.path) for s in target.sources]
 
 
 def _remember_output(
@@ -295,7 +290,7 @@ def _source_key(spec: Spec, path: Path) -> str:
 def _source_entries(spec: Spec, target: CompiledTarget, reader: SourceReader) -> dict[str, dict]:
     """Lock entries for the target's sources: files (name, size, digest) and tensor digests."""
     entries: dict[str, dict] = {}
-    for source in ((target.base,) if target.base else ()) + target.models:
+    for source in target.sources:
         files = {}
         tensors = {}
         for f in source.files:
@@ -424,11 +419,7 @@ def verify(spec_path: Path, args: JsonnetArgs, target: str | None = None) -> lis
             if not path.is_file():
                 problems.append(f"{file_name}: missing")
                 continue
-            h = xxhash.xxh3_128()
-            with open(path, "rb") as f:
-                while chunk := f.read(8 * 2**20):
-                    h.update(chunk)
-            if path.stat().st_size != expected["size"] or h.hexdigest() != expected["digest"]:
+            if path.stat().st_size != expected["size"] or freshness.hash_file(path) != expected["digest"]:
                 problems.append(f"{file_name}: content differs from the lockfile")
         results.append(VerifyResult(name, output, problems))
     return results

@@ -83,7 +83,7 @@ def target_staleness(
     copied = side_files(reference if reference.is_dir() else None, tokenizer)
     for file_name, expected in entry["files"].items():
         if file_name in copied:
-            if _digest(copied.pop(file_name)) != expected["digest"]:
+            if hash_file(copied.pop(file_name)) != expected["digest"]:
                 return f"{file_name} changed in its source"
             continue
         reason = _output_staleness(output / file_name, expected, catalog)
@@ -126,10 +126,11 @@ def _output_staleness(path: Path, expected: dict, catalog: Catalog) -> str | Non
     return None
 
 
-def _digest(path: Path) -> str:
+def hash_file(path: Path) -> str:
+    """xxh3-128 (hex) of a whole file, read in 8 MiB chunks: the digest lockfiles give output files."""
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
-        while chunk := f.read(2**20):
+        while chunk := f.read(8 * 2**20):
             h.update(chunk)
     return h.hexdigest()
 

@@ -69,6 +69,11 @@ class CompiledTarget:
     nodes: tuple[TensorNode, ...]
 
     @property
+    def sources(self) -> tuple[ModelSource, ...]:
+        """The base (if any), then the models."""
+        return ((self.base,) if self.base is not None else ()) + self.models
+
+    @property
     def reference(self) -> ModelSource:
         """The source whose config, tokenizer and tensor list the output follows."""
         return self.base if self.base is not None else self.models[0]

@@ -22,6 +22,7 @@ The bound on the omitted update is the sum over omitted blocks of
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -148,8 +149,7 @@ def plan_target(
     allocation is replayed instead of planned.
     """
     known = DigestLookup(cache, target.spec.block_size)
-    sources = ((target.base,) if target.base else ()) + target.models
-    file_labels = {str(f.path): labels[str(source.path)] for source in sources for f in source.files}
+    file_labels = {str(f.path): labels[str(source.path)] for source in target.sources for f in source.files}
     allocation, budget, record = _allocate(target, cache, known, labels, locked_allocation)
     previous_tensors = (previous or {}).get("tensors", {})
     nodes = []
@@ -317,7 +317,7 @@ def _allocate(
         per_model = allocation.setdefault(u.tensor, [[] for _ in target.models])
         if (u.model, u.tensor, u.block) in taken:
             per_model[u.model].append(u.block)
-    blocks_of = _block_counts(target)
+    blocks_of = Counter((u.model, u.tensor) for u in units)
     result: dict[str, tuple[Blocks, ...]] = {}
     for node in target.nodes:
         if node.action != "merge" or node.name not in allocation:
@@ -431,11 +431,3 @@ def _report(
     allocated = sum(u.nbytes for u in units if (u.model, u.tensor, u.block) in taken)
     missing = sum(u.norm is None for u in units)
     return BudgetReport(limit, full, allocated, bound, experts, missing)
-
-
-def _block_counts(target: CompiledTarget) -> dict[tuple[int, str], int]:
-    counts = {}
-    for node in target.nodes:
-        for m, info in node.models:
-            counts[(m, node.name)] = len(BlockGrid.for_shape(info.shape, target.spec.block_size).ranges())
-    return counts
