@@ -28,6 +28,13 @@ from mergebuild.catalog import Catalog, CatalogCorrupt
 from mergebuild.freshness import CATALOG_NAME
 
 BLOBS = "blobs"
+#: A blob's row: its size, and now as its last use.
+_TOUCH_BLOB = (
+    "INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
+    "size = excluded.size, last_used = excluded.last_used"
+)
+#: A result's row: (key, blob, offset, nbytes, digest).
+_PUT_RESULT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)"
 #: Default size cap; `MERGEBUILD_CACHE_MAX` or `gc --max-size` override it.
 DEFAULT_MAX_BYTES = 50 * 2**30
 
@@ -80,14 +87,9 @@ class Cache:
 
     # -- blobs -----------------------------------------------------------------
 
-    def put(self, data: bytes | bytearray | memoryview) -> str:
-        """Store bytes as a blob; return its digest."""
-        digest, size = self.write_blob(data)
-        self._touch(digest, size)
-        return digest
-
     def write_blob(self, data: bytes | bytearray | memoryview) -> tuple[str, int]:
-        """Write a blob's file (not its catalog row: see `record_blobs`); any thread may call this."""
+        """Write a blob's file; return (digest, size). Its catalog row comes with `record_blobs`,
+        from the thread that owns the catalog; any thread may call this."""
         digest = xxhash.xxh3_128_hexdigest(data)
         path = self._path(digest)
         size = len(memoryview(data).cast("B"))
@@ -108,14 +110,8 @@ class Cache:
         now = time.time_ns()
         with self.catalog.transaction() as db:
             for key, digest, size in written:
-                db.execute(
-                    "INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
-                    "size = excluded.size, last_used = excluded.last_used",
-                    (digest, size, now),
-                )
-                db.execute(
-                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", (key, digest, 0, size, digest)
-                )
+                db.execute(_TOUCH_BLOB, (digest, size, now))
+                db.execute(_PUT_RESULT, (key, digest, 0, size, digest))
 
     def adopt(self, path: Path, digest: str) -> bool:
         """Make an existing file (a published output shard) a blob under `digest`, by hard link.
@@ -138,11 +134,7 @@ class Cache:
 
     def _touch(self, digest: str, size: int) -> None:
         with self.catalog.transaction() as db:
-            db.execute(
-                "INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
-                "size = excluded.size, last_used = excluded.last_used",
-                (digest, size, time.time_ns()),
-            )
+            db.execute(_TOUCH_BLOB, (digest, size, time.time_ns()))
 
     def read(self, result: Result) -> bytes | None:
         """A result's bytes, or None (a miss) if the blob is gone or does not hash as recorded."""
@@ -184,10 +176,7 @@ class Cache:
 
     def record_results(self, entries: list[tuple[str, Result]]) -> None:
         with self.catalog.transaction() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)",
-                [(key, r.blob, r.offset, r.nbytes, r.digest) for key, r in entries],
-            )
+            db.executemany(_PUT_RESULT, [(key, r.blob, r.offset, r.nbytes, r.digest) for key, r in entries])
 
     # -- eviction ----------------------------------------------------------------
 

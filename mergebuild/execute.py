@@ -28,7 +28,7 @@ import torch
 import xxhash
 
 from mergebuild import rng
-from mergebuild.cache import Cache, Result
+from mergebuild.cache import Cache
 from mergebuild.catalog import BlockGrid, FileStat, TensorDigests, TensorHasher
 from mergebuild.errors import ExecutionError, InputError
 from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_key, node_record
@@ -323,8 +323,7 @@ class SourceReader:
             )
         self.counters.add(info.path, len(buf))
         if keep:
-            digest = self.cache.put(buf)
-            self.cache.record_results([(f"block:{expected}", Result(digest, 0, len(buf), digest))])
+            self.cache.record_blobs([(f"block:{expected}", *self.cache.write_blob(buf))])
         return bytes_to_tensor(buf, info.torch_dtype, shape)
 
     def _read_bytes(self, info: TensorInfo) -> tuple[bytearray, TensorDigests]:
@@ -609,10 +608,10 @@ def _record_stats(reader: SourceReader, base_info: TensorInfo, info: TensorInfo,
     Computed from the delta the merge computes anyway, so only the first build
     of an expert pays for them (two passes over each block).
     """
+    if _has_stats(reader, base_info, info):
+        return
     expert_digests, base_digests = reader.digests(info), reader.digests(base_info)
     pairs = list(zip(expert_digests.blocks, base_digests.blocks, strict=True))
-    if all(reader.cache.catalog.block_stats(e, b) is not None for e, b in pairs):
-        return
     stats = block_stats(delta, reader.grid(info))
     reader.cache.catalog.record_block_stats(
         [(e, b, l2, mx) for (e, b), (l2, mx) in zip(pairs, stats, strict=True)]
@@ -633,37 +632,32 @@ def block_stats(delta: torch.Tensor, grid: BlockGrid) -> list[tuple[float, float
     return result
 
 
-def index_target(target: CompiledTarget, reader: SourceReader) -> int:
+def index_target(target: CompiledTarget, reader: SourceReader) -> None:
     """Hash every input tensor the catalog does not know and record delta statistics for budgets.
 
-    Reads each unknown (or un-profiled) tensor once; returns the number of tensors read.
+    Reads each unknown (or un-profiled) tensor once; `reader.counters` say how much.
     """
-    read = 0
     for node in target.nodes:
         missing = [info for info in node.inputs if reader.known(info) is None]
         if node.action != "merge" or node.base is None or not target.method.budgeted:
             for info in missing:
                 reader.hold(info)
             reader.release()
-            read += len(missing)
             continue
         base: torch.Tensor | None = None
         for _, info in node.models:
             if info in missing or not _has_stats(reader, node.base, info):
                 if base is None:
                     base = _finite(reader.read(node.base).to(torch.float32), node.base)
-                    read += 1
                 model = _finite(reader.read(info).to(torch.float32), info)
                 _record_stats(reader, node.base, info, model - base)
-                read += 1
         if reader.known(node.base) is None:
             reader.hold(node.base)
-            read += 1
         reader.release()
-    return read
 
 
 def _has_stats(reader: SourceReader, base_info: TensorInfo, info: TensorInfo) -> bool:
+    """Whether the catalog holds statistics for every block of `info` against `base_info`."""
     expert, base = reader.known(info), reader.known(base_info)
     if expert is None or base is None:
         return False
