@@ -111,6 +111,11 @@ def old_rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return kept * (before / after)
 
 
+def new_rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    factor = sparsify.l1_factor(delta, kept)
+    return kept if factor is None else kept * factor
+
+
 def old_uniform(key: int, start: int, count: int) -> torch.Tensor:
     x = torch.arange(start, start + count, dtype=torch.int64)
     x.mul_(rng._signed(rng._GOLDEN)).add_(rng._signed(key))
@@ -156,7 +161,7 @@ def cases(delta: torch.Tensor) -> dict[str, tuple[Callable[[], object], Callable
         "random": (lambda: old_uniform(KEY, 0, n) < 0.3, lambda: rng.keep_mask(KEY, 0, n, 0.3)),
         "uniform": (lambda: old_uniform(KEY, 0, n), lambda: rng.uniform(KEY, 0, n)),
         "della": (lambda: old_della(rows, u, 0.5, 0.15), lambda: sparsify.della(rows, u, 0.5, 0.15)),
-        "rescale_l1": (lambda: old_rescale_l1(delta, kept), lambda: sparsify.rescale_l1(delta, kept)),
+        "rescale_l1": (lambda: old_rescale_l1(delta, kept), lambda: new_rescale_l1(delta, kept)),
         "all_finite": (
             lambda: bool(torch.isfinite(delta).all()),
             lambda: tensor_checks.all_finite(delta),

@@ -50,15 +50,6 @@ def kept_delta(
     return kept * factor if factor is not None else kept
 
 
-def l1_factor(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
-    """The factor that gives `kept` the L1 norm of `delta`; None when either norm is below 1e-7."""
-    before = delta.abs().sum()
-    after = kept.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return None
-    return before / after
-
-
 def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> bytes:
     """The blob form: header, the mask, and the kept values in `dtype` (the expert's storage dtype).
 

@@ -305,15 +305,16 @@ def della(delta: torch.Tensor, uniforms: torch.Tensor, density: float, epsilon: 
     return keep.movedim(-1, 1).reshape(delta.shape)
 
 
-def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Scale `kept` (the masked delta) so its L1 norm equals the delta's; skip tiny norms."""
-    # One buffer serves both |.| temporaries and the result (same layout, so the
-    # sums reduce in the same order as delta.abs().sum()).
+def l1_factor(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+    """The factor that gives `kept` (the masked delta) the L1 norm of `delta` (float32, 0-d);
+    None when either norm is below 1e-7 (no rescale)."""
+    # One buffer serves both |.| temporaries (same layout, so the sums reduce in the
+    # same order as delta.abs().sum()).
     buf = torch.empty_like(delta)
     before = torch.abs(delta, out=buf).sum()
     if kept.shape != delta.shape or kept.stride() != delta.stride() or kept.dtype != delta.dtype:
         buf = torch.empty_like(kept)
     after = torch.abs(kept, out=buf).sum()
     if before < 1e-7 or after < 1e-7:
-        return kept
-    return torch.mul(kept, before / after, out=buf)
+        return None
+    return before / after

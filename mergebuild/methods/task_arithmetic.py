@@ -20,7 +20,7 @@ import torch
 
 from mergebuild.methods import sparsify
 from mergebuild.methods.base import INT8_MASK, WEIGHT, Method, ParamSpec, Scalar, TensorContext
-from mergebuild.methods.sparse_delta import SparseDelta, l1_factor
+from mergebuild.methods.sparse_delta import SparseDelta
 
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della"]
 
@@ -112,7 +112,7 @@ class TaskArithmeticFamily(Method):
             mask = self._mask(ctx, i, delta, density)
             # kept_delta's expression with `delta` already computed: the same values, one pass less.
             kept = torch.where(mask, delta, torch.zeros((), dtype=torch.float32))
-            factor = l1_factor(delta, kept) if recipe["rescale"] else None
+            factor = sparsify.l1_factor(delta, kept) if recipe["rescale"] else None
             fresh.append(kept * factor if factor is not None else kept)
             return SparseDelta(mask, model, factor)
 
