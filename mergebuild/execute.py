@@ -403,10 +403,13 @@ class _Context:
         self._allocation = allocation or (None,) * len(node.models)
         self._with_stats = with_stats and node.base is not None
         self._base: torch.Tensor | None = None
+        #: The base as stored: per-expert blobs are coded against its bit patterns.
+        self._stored_base: torch.Tensor | None = None
 
     def base(self) -> torch.Tensor:
         assert self._node.base is not None, "method asked for a base the spec does not have"
-        self._base = _finite(self._reader.read(self._node.base).to(torch.float32), self._node.base)
+        self._stored_base = self._reader.read(self._node.base)
+        self._base = _finite(self._stored_base.to(torch.float32), self._node.base)
         return self._base
 
     def model(self, i: int) -> torch.Tensor:
@@ -427,6 +430,11 @@ class _Context:
 
     def _known_base(self) -> torch.Tensor:
         return self._base if self._base is not None else self.base()
+
+    def _known_stored_base(self) -> torch.Tensor:
+        self._known_base()
+        assert self._stored_base is not None
+        return self._stored_base
 
     def _allocated(self, info: TensorInfo, blocks: tuple[int, ...]) -> torch.Tensor:
         """The expert's tensor as a budget sees it: its allocated blocks, the base's rows elsewhere."""
@@ -473,13 +481,13 @@ class _Context:
             data = cache.read(cached) if cached is not None else None
             if data is not None:
                 self._report.expert_work_reused += 1
-                return sparse_delta.decode(data, self._known_base())
+                return sparse_delta.decode(data, self._known_stored_base())
         sparse = compute()
         self._report.expert_work_computed += 1
         if key is None:
             expert, base = self._reader.digests(info), self._reader.digests(self._node.base)
             key = expert_work_key(recipe, self._seed, expert.content, base.content, self.shape, blocks)
-        base_tensor, dtype = self._known_base(), info.torch_dtype
+        base_tensor, dtype = self._known_stored_base(), info.torch_dtype
         assert self._reader.blob_writer is not None
         self._reader.blob_writer.submit(key, lambda: sparse_delta.encode(sparse, base_tensor, dtype))
         return sparse

@@ -13,9 +13,10 @@ time into a handful of accumulators, and the consensus is resolved at the end
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 
 from mergebuild.methods import sparsify
@@ -30,15 +31,91 @@ _EPSILON = ParamSpec("epsilon", float, "model", default=0.15, bounds=(0.0, 1.0, 
 _LAMBDA = ParamSpec("lambda", float, "method", default=1.0)
 
 
-@dataclass
-class _Fold:
-    """Running sums over models. With consensus: positive and negative parts kept apart."""
+#: Up to this many models, which models' weights a consensus keeps per element is a bit
+#: set, and the divisor comes from a table of the weight sums of all 2^K subsets.
+_MAX_BIT_MODELS = 16
 
-    total: torch.Tensor
-    pos: torch.Tensor | None = None
-    neg: torch.Tensor | None = None
-    pos_weight: torch.Tensor | None = None
-    neg_weight: torch.Tensor | None = None
+
+class _Fold:
+    """Running sums over models, folded in one at a time in model order.
+
+    Without consensus only the total. With consensus the positive and negative
+    parts are kept apart too, and, when the result is normalized, which models
+    took part on each side: as bit sets for up to `_MAX_BIT_MODELS` models (the
+    divisor is then looked up in a table of subset sums, added in model order,
+    which is exactly what running float sums give), else as running float sums.
+    Each fold step works in place on the model's weighted delta, which the fold
+    owns from then on.
+    """
+
+    def __init__(self, consensus: bool, weights: list[float], track_weights: bool) -> None:
+        self.consensus = consensus
+        self.weights = [torch.tensor(w, dtype=torch.float32) for w in weights]
+        self.track_weights = consensus and track_weights
+        self.use_bits = len(weights) <= _MAX_BIT_MODELS
+        self.total: torch.Tensor | None = None
+        self.pos = self.neg = self.pos_weight = self.neg_weight = None
+        self.flags: torch.Tensor | None = None
+
+    def add(self, i: int, weighted: torch.Tensor) -> None:
+        """Fold in model i's weighted delta (consumed: the fold may overwrite it)."""
+        if self.total is None:
+            self.total = torch.zeros_like(weighted)
+            if self.consensus:
+                self.pos, self.neg = torch.zeros_like(weighted), torch.zeros_like(weighted)
+            if self.track_weights:
+                dtype = (
+                    torch.float32
+                    if not self.use_bits
+                    else torch.uint8
+                    if len(self.weights) <= 8
+                    else torch.int32
+                )
+                self.pos_weight, self.neg_weight = (
+                    torch.zeros_like(weighted, dtype=dtype),
+                    torch.zeros_like(weighted, dtype=dtype),
+                )
+                self.flags = torch.empty(weighted.shape, dtype=torch.bool)
+        self.total += weighted
+        if not self.consensus:
+            return
+        assert self.pos is not None and self.neg is not None
+        if self.track_weights:
+            assert self.pos_weight is not None and self.neg_weight is not None and self.flags is not None
+            alpha = (1 << i) if self.use_bits else float(self.weights[i])
+            self.pos_weight.add_(torch.gt(weighted, 0, out=self.flags), alpha=alpha)
+            self.neg_weight.add_(torch.lt(weighted, 0, out=self.flags), alpha=alpha)
+        # clamp keeps a value or gives +0, as where(sign, value, 0) would: same sums, fewer passes.
+        self.neg += weighted.clamp(max=0)
+        self.pos += weighted.clamp_(min=0)
+
+    def resolve(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mixed delta, and (with consensus and tracked weights) the summed weights of
+        the models it kept per element (0 replaced by 1), used by `normalize`."""
+        assert self.total is not None
+        if not self.consensus:
+            return self.total, None
+        assert self.pos is not None and self.neg is not None
+        elected_positive = self.total >= 0
+        mixed = torch.where(elected_positive, self.pos, self.neg)
+        if not self.track_weights:
+            return mixed, None
+        assert self.pos_weight is not None and self.neg_weight is not None
+        chosen = torch.where(elected_positive, self.pos_weight, self.neg_weight)
+        if not self.use_bits:
+            return mixed, torch.where(chosen == 0, torch.ones_like(chosen), chosen)
+        # numpy's take indexes with the bit sets as they are (torch wants int64 indices).
+        divisors = self._subset_sums().numpy()
+        return mixed, torch.from_numpy(np.take(divisors, chosen.reshape(-1).numpy())).reshape(chosen.shape)
+
+    def _subset_sums(self) -> torch.Tensor:
+        """Entry b: the float32 sum, in model order, of the weights of the models in bit
+        set b; 1 where that is 0 (nothing kept, or weights that cancel)."""
+        subsets = torch.arange(1 << len(self.weights))
+        sums = torch.zeros(subsets.shape, dtype=torch.float32)
+        for i, weight in enumerate(self.weights):
+            sums = torch.where((subsets >> i) & 1 == 1, sums + weight, sums)
+        return torch.where(sums == 0, torch.ones_like(sums), sums)
 
 
 class TaskArithmeticFamily(Method):
@@ -95,13 +172,14 @@ class TaskArithmeticFamily(Method):
         return recipe
 
     def weighted_delta(self, ctx: TensorContext, i: int, base: torch.Tensor) -> torch.Tensor:
-        """Model i's delta, sparsified (and L1-rescaled) when the method says so, times its weight."""
+        """Model i's delta, sparsified (and L1-rescaled) when the method says so, times its
+        weight: a new tensor the caller owns."""
         weight = torch.tensor(float(ctx.model_param(i, "weight")), dtype=torch.float32)
         recipe = self.expert_recipe(ctx.param, lambda name: ctx.model_param(i, name))
         if recipe is None or base.numel() == 0:
             delta = ctx.model(i) - base
             ctx.note_delta(i, delta)
-            return delta * weight
+            return delta.mul_(weight)
         density = float(recipe["density"])
         fresh: list[torch.Tensor] = []
 
@@ -111,13 +189,14 @@ class TaskArithmeticFamily(Method):
             ctx.note_delta(i, delta)
             mask = self._mask(ctx, i, delta, density)
             # kept_delta's expression with `delta` already computed: the same values, one pass less.
-            kept = torch.where(mask, delta, torch.zeros((), dtype=torch.float32))
+            kept = delta * mask
             factor = sparsify.l1_factor(delta, kept) if recipe["rescale"] else None
-            fresh.append(kept * factor if factor is not None else kept)
+            del delta
+            fresh.append(kept.mul_(factor) if factor is not None else kept)
             return SparseDelta(mask, model, factor)
 
         sparse = ctx.expert_work(i, recipe, compute)
-        return (fresh[0] if fresh else sparse.delta(base)) * weight
+        return (fresh.pop() if fresh else sparse.delta(base)).mul_(weight)
 
     def _mask(self, ctx: TensorContext, i: int, delta: torch.Tensor, density: float) -> torch.Tensor:
         if self.sparsifier == "magnitude":
@@ -132,58 +211,31 @@ class TaskArithmeticFamily(Method):
         base = ctx.base()
         if ctx.num_models == 0:
             return base
-        fold: _Fold | None = None
+        weights = [float(ctx.model_param(i, "weight")) for i in range(ctx.num_models)]
+        normalize = bool(ctx.param("normalize"))
+        fold = _Fold(self.consensus, weights, track_weights=normalize)
         weight_sum = torch.zeros((), dtype=torch.float32)
-        for i in range(ctx.num_models):
-            weight = torch.tensor(float(ctx.model_param(i, "weight")), dtype=torch.float32)
-            weighted = self.weighted_delta(ctx, i, base)
-            weight_sum += weight
-            fold = self._add(fold, weighted, weight)
-        assert fold is not None
-        mixed, divisor = self._resolve(fold, weight_sum)
-        if ctx.param("normalize"):
-            mixed = mixed / divisor
+        # Model i is folded in on a second thread while model i + 1 is read and sparsified
+        # (torch releases the GIL): folds stay in model order, one at a time.
+        with ThreadPoolExecutor(1, thread_name_prefix="mergebuild-fold") as folder:
+            folding: Future[None] | None = None
+            for i in range(ctx.num_models):
+                weighted = self.weighted_delta(ctx, i, base)
+                if folding is not None:
+                    folding.result()
+                folding = folder.submit(fold.add, i, weighted)
+                weight_sum += fold.weights[i]
+            assert folding is not None
+            folding.result()
+        mixed, kept_weight = fold.resolve()
+        if normalize:
+            if kept_weight is None:
+                kept_weight = weight_sum if weight_sum.abs() >= 1e-8 else torch.ones(())
+            mixed.div_(kept_weight)
         lam = float(ctx.param("lambda"))
         if lam != 1:
-            mixed = mixed * torch.tensor(lam, dtype=torch.float32)
-        return base + mixed
-
-    def _add(self, fold: _Fold | None, weighted: torch.Tensor, weight: torch.Tensor) -> _Fold:
-        if not self.consensus:
-            if fold is None:
-                return _Fold(total=weighted.clone())
-            fold.total += weighted
-            return fold
-        if fold is None:
-            fold = _Fold(
-                total=torch.zeros_like(weighted),
-                pos=torch.zeros_like(weighted),
-                neg=torch.zeros_like(weighted),
-                pos_weight=torch.zeros_like(weighted),
-                neg_weight=torch.zeros_like(weighted),
-            )
-        assert fold.pos is not None and fold.neg is not None
-        assert fold.pos_weight is not None and fold.neg_weight is not None
-        fold.total += weighted
-        # clamp keeps a value or gives +0, as where(sign, value, 0) would: same sums, fewer passes.
-        fold.pos += weighted.clamp(min=0)
-        fold.neg += weighted.clamp(max=0)
-        fold.pos_weight.add_(weighted > 0, alpha=float(weight))
-        fold.neg_weight.add_(weighted < 0, alpha=float(weight))
-        return fold
-
-    def _resolve(self, fold: _Fold, weight_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mixed delta and the divisor used by `normalize`."""
-        if not self.consensus:
-            divisor = weight_sum if weight_sum.abs() >= 1e-8 else torch.ones(())
-            return fold.total, divisor
-        assert fold.pos is not None and fold.neg is not None
-        assert fold.pos_weight is not None and fold.neg_weight is not None
-        elected_positive = fold.total >= 0
-        mixed = torch.where(elected_positive, fold.pos, fold.neg)
-        divisor = torch.where(elected_positive, fold.pos_weight, fold.neg_weight)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-        return mixed, divisor
+            mixed.mul_(torch.tensor(lam, dtype=torch.float32))
+        return mixed.add_(base)
 
 
 class TaskArithmetic(TaskArithmeticFamily):

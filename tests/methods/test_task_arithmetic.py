@@ -342,3 +342,25 @@ def test_della_refuses_probabilities_outside_the_unit_interval() -> None:
     assert method.check_params(shared, bad) is not None
     good = [{"weight": 1.0, "density": 0.5, "epsilon": 0.15}]
     assert method.check_params(shared, good) is None
+
+
+@pytest.mark.parametrize("models", [1, 5, 9, 16])
+def test_consensus_weight_bit_sets_give_the_float_sums_bit_for_bit(models: int) -> None:
+    from mergebuild.methods.task_arithmetic import _Fold
+
+    g = torch.Generator().manual_seed(models)
+    weights = [float(w) for w in torch.randn(models, generator=g)]
+    deltas = [
+        torch.randn(300, generator=g).masked_fill_(torch.rand(300, generator=g) < 0.3, 0) for _ in weights
+    ]
+    results = []
+    for use_bits in (True, False):
+        fold = _Fold(consensus=True, weights=weights, track_weights=True)
+        fold.use_bits = use_bits
+        for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
+            fold.add(i, d * torch.tensor(w, dtype=torch.float32))
+        results.append(fold.resolve())
+    (mixed_bits, divisor_bits), (mixed_float, divisor_float) = results
+    assert torch.equal(mixed_bits, mixed_float)
+    assert divisor_bits is not None and divisor_float is not None
+    assert torch.equal(divisor_bits.view(torch.int32), divisor_float.view(torch.int32))
