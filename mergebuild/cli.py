@@ -178,11 +178,6 @@ def build_command(
     if summary is None:
         # torch loads here, not at start-up: an up-to-date build never needs it.
         from mergebuild.build import BuildOptions, build
-        from mergebuild.memory import tune_allocator
-
-        # Merge temporaries are tens to hundreds of MiB: reusing heap blocks instead of
-        # fresh mmaps saves a page fault per 4 KiB (measured: 10 to 20 % of a ties build).
-        tune_allocator()
 
         options = BuildOptions(
             cache_dir=_cache_dir(cache_dir),

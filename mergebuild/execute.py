@@ -39,8 +39,20 @@ from mergebuild.plan import HOLD_BYTES, Blocks, TargetPlan
 from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor, read_bytes
 from mergebuild.tensor_checks import all_finite
 
-#: Read-ahead kept in memory at most (tensors for the nodes after the current one).
-READ_AHEAD_BYTES = 512 * 2**20
+#: Read-ahead kept in memory at most (tensors for the nodes after the current one), unless
+#: $MERGEBUILD_READ_AHEAD says otherwise (e.g. '1GiB'): about half a second of disk.
+READ_AHEAD_BYTES = 256 * 2**20
+
+
+def read_ahead_bytes() -> int:
+    """The read-ahead cap: $MERGEBUILD_READ_AHEAD or READ_AHEAD_BYTES."""
+    from mergebuild.spec import parse_size
+
+    raw = os.environ.get("MERGEBUILD_READ_AHEAD")
+    try:
+        return parse_size(raw) if raw else READ_AHEAD_BYTES
+    except ValueError as e:
+        raise InputError(f"MERGEBUILD_READ_AHEAD: {e}") from e
 
 
 @dataclass
@@ -422,6 +434,9 @@ class _Context:
             return self._allocated(info, blocks)
         return _finite(self._reader.read(info).to(torch.float32), info)
 
+    def omitted(self, i: int) -> bool:
+        return self._by_block and self._allocation[i] == ()
+
     def note_delta(self, i: int, delta: torch.Tensor) -> None:
         # Statistics describe the whole expert: not one a budget cut down.
         if self._with_stats and self._allocation[i] is None:
@@ -507,7 +522,7 @@ def execute(
         list(dict.fromkeys(node.inputs[r.position] for r in p.reads if r.whole))
         for node, p in zip(target.nodes, plan.nodes, strict=True)
     ]
-    reader.read_ahead = ReadAhead(jobs, reader.block_size, READ_AHEAD_BYTES)
+    reader.read_ahead = ReadAhead(jobs, reader.block_size, read_ahead_bytes())
     reader.blob_writer = BlobWriter(reader.cache)
     failed = True
     try:

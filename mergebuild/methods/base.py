@@ -99,6 +99,11 @@ class TensorContext(Protocol):
         """Bool mask of shape `shape`: exactly `uniform(i) < density`, without the float64 draws."""
         ...
 
+    def omitted(self, i: int) -> bool:
+        """Whether model i's tensor is left out by a read budget (none of its blocks is
+        allocated): it then stands for the base, a zero delta, and is never read."""
+        ...
+
     def note_delta(self, i: int, delta: torch.Tensor) -> None:
         """Show the executor model i's whole delta against the base (float32), which a method
         that computes it anyway passes on: the executor keeps block statistics of it for budgets."""

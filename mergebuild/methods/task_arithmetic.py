@@ -12,6 +12,7 @@ time into a handful of accumulators, and the consensus is resolved at the end
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ClassVar, Literal
@@ -34,6 +35,13 @@ _LAMBDA = ParamSpec("lambda", float, "method", default=1.0)
 #: Up to this many models, which models' weights a consensus keeps per element is a bit
 #: set, and the divisor comes from a table of the weight sums of all 2^K subsets.
 _MAX_BIT_MODELS = 16
+
+
+@functools.cache
+def _folder() -> ThreadPoolExecutor:
+    """The one thread that folds models in (one for the process: a thread per tensor would
+    also give glibc a new arena to keep freed memory in)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="mergebuild-fold")
 
 
 class _Fold:
@@ -89,10 +97,12 @@ class _Fold:
         self.neg += weighted.clamp(max=0)
         self.pos += weighted.clamp_(min=0)
 
-    def resolve(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def resolve(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mixed delta, and (with consensus and tracked weights) the summed weights of
-        the models it kept per element (0 replaced by 1), used by `normalize`."""
-        assert self.total is not None
+        the models it kept per element (0 replaced by 1), used by `normalize`. With no
+        model folded in: zeros like `like` (and a divisor of ones, as no model was kept)."""
+        if self.total is None:
+            return torch.zeros_like(like), torch.ones_like(like) if self.track_weights else None
         if not self.consensus:
             return self.total, None
         assert self.pos is not None and self.neg is not None
@@ -217,17 +227,23 @@ class TaskArithmeticFamily(Method):
         weight_sum = torch.zeros((), dtype=torch.float32)
         # Model i is folded in on a second thread while model i + 1 is read and sparsified
         # (torch releases the GIL): folds stay in model order, one at a time.
-        with ThreadPoolExecutor(1, thread_name_prefix="mergebuild-fold") as folder:
-            folding: Future[None] | None = None
+        folder = _folder()
+        folding: Future[None] | None = None
+        try:
             for i in range(ctx.num_models):
+                weight_sum += fold.weights[i]
+                if ctx.omitted(i):
+                    # A zero delta stays zero through every sparsifier and adds nothing
+                    # to any sum: skipping it gives the same bits, without the work.
+                    continue
                 weighted = self.weighted_delta(ctx, i, base)
                 if folding is not None:
                     folding.result()
                 folding = folder.submit(fold.add, i, weighted)
-                weight_sum += fold.weights[i]
-            assert folding is not None
-            folding.result()
-        mixed, kept_weight = fold.resolve()
+        finally:
+            if folding is not None:
+                folding.result()
+        mixed, kept_weight = fold.resolve(base)
         if normalize:
             if kept_weight is None:
                 kept_weight = weight_sum if weight_sum.abs() >= 1e-8 else torch.ones(())

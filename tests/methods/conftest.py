@@ -96,6 +96,9 @@ class FakeContext:
             return self.per_model[i][name]
         return self.param(name)
 
+    def omitted(self, i: int) -> bool:
+        return False
+
     def note_delta(self, i: int, delta: torch.Tensor) -> None:
         assert delta.shape == self.shape and delta.dtype == torch.float32
 

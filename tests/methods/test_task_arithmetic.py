@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from mergebuild import rng
+from mergebuild.methods import get_method
 from mergebuild.methods.base import Scalar
+from mergebuild.methods.task_arithmetic import _Fold
 
-from .conftest import NAME, assert_ulps, digest, family, mergekit_merge, run, scale_of
+from .conftest import NAME, FakeContext, assert_ulps, digest, family, mergekit_merge, run, scale_of
 
 #: (consensus, sparsifier, default normalize, default rescale), from DESIGN.md's table.
 TABLE = {
@@ -346,8 +348,6 @@ def test_della_refuses_probabilities_outside_the_unit_interval() -> None:
 
 @pytest.mark.parametrize("models", [1, 5, 9, 16])
 def test_consensus_weight_bit_sets_give_the_float_sums_bit_for_bit(models: int) -> None:
-    from mergebuild.methods.task_arithmetic import _Fold
-
     g = torch.Generator().manual_seed(models)
     weights = [float(w) for w in torch.randn(models, generator=g)]
     deltas = [
@@ -359,8 +359,27 @@ def test_consensus_weight_bit_sets_give_the_float_sums_bit_for_bit(models: int) 
         fold.use_bits = use_bits
         for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
             fold.add(i, d * torch.tensor(w, dtype=torch.float32))
-        results.append(fold.resolve())
+        results.append(fold.resolve(deltas[0]))
     (mixed_bits, divisor_bits), (mixed_float, divisor_float) = results
     assert torch.equal(mixed_bits, mixed_float)
     assert divisor_bits is not None and divisor_float is not None
     assert torch.equal(divisor_bits.view(torch.int32), divisor_float.view(torch.int32))
+
+
+@pytest.mark.parametrize("method", DETERMINISTIC + RANDOM)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_an_omitted_model_is_skipped_with_the_same_bits(method: str, normalize: bool) -> None:
+    class Omitting(FakeContext):
+        def omitted(self, i: int) -> bool:
+            return i == 1
+
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(64, 96, generator=g)
+    models = [base + 0.01 * torch.randn(64, 96, generator=g) for _ in range(3)]
+    models[1] = base.clone()  # what a budget hands a method for an unread expert
+    per_model = [{"weight": w, "density": 0.6} for w in (0.7, -0.4, 0.5)]
+    shared = {"normalize": normalize}
+    impl = get_method(method)
+    skipped = impl.merge(Omitting(impl, base, models, shared, per_model))
+    computed = impl.merge(FakeContext(impl, base, models, shared, per_model))
+    assert torch.equal(skipped.view(torch.int32), computed.view(torch.int32))
