@@ -227,10 +227,9 @@ def _open_catalog(path: Path) -> Catalog:
 
 def max_cache_bytes() -> int:
     """The cache size cap: $MERGEBUILD_CACHE_MAX (e.g. '20GB') or the default."""
-    from mergebuild.spec import parse_size
+    from mergebuild.spec import env_size
 
-    raw = os.environ.get("MERGEBUILD_CACHE_MAX")
-    return parse_size(raw) if raw else DEFAULT_MAX_BYTES
+    return env_size("MERGEBUILD_CACHE_MAX", DEFAULT_MAX_BYTES)
 
 
 @contextmanager

@@ -333,7 +333,7 @@ def gc_command(
 
     try:
         cap = parse_size(max_size) if max_size is not None else max_cache_bytes()
-    except ValueError as e:
+    except ValueError as e:  # from --max-size; max_cache_bytes names its variable itself
         raise MergebuildError(f"--max-size: {e}") from None
     cache = Cache(_cache_dir(cache_dir))
     try:

@@ -46,13 +46,9 @@ READ_AHEAD_BYTES = 256 * 2**20
 
 def read_ahead_bytes() -> int:
     """The read-ahead cap: $MERGEBUILD_READ_AHEAD or READ_AHEAD_BYTES."""
-    from mergebuild.spec import parse_size
+    from mergebuild.spec import env_size
 
-    raw = os.environ.get("MERGEBUILD_READ_AHEAD")
-    try:
-        return parse_size(raw) if raw else READ_AHEAD_BYTES
-    except ValueError as e:
-        raise InputError(f"MERGEBUILD_READ_AHEAD: {e}") from e
+    return env_size("MERGEBUILD_READ_AHEAD", READ_AHEAD_BYTES)
 
 
 @dataclass

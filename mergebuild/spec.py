@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from mergebuild.errors import SpecError
+from mergebuild.errors import InputError, SpecError
 
 if TYPE_CHECKING:
     from mergebuild.methods.base import Method
@@ -63,6 +64,15 @@ def parse_size(value: object) -> int:
     if size <= 0:
         raise ValueError("must be positive")
     return size
+
+
+def env_size(name: str, default: int) -> int:
+    """A size setting from environment variable `name` (e.g. '20GB'), or `default` when unset."""
+    raw = os.environ.get(name)
+    try:
+        return parse_size(raw) if raw else default
+    except ValueError as e:
+        raise InputError(f"{name}: {e}") from e
 
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
