@@ -181,10 +181,11 @@ class TaskArithmeticFamily(Method):
             recipe["epsilon"] = float(model_param("epsilon"))
         return recipe
 
-    def weighted_delta(self, ctx: TensorContext, i: int, base: torch.Tensor) -> torch.Tensor:
+    def weighted_delta(
+        self, ctx: TensorContext, i: int, base: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
         """Model i's delta, sparsified (and L1-rescaled) when the method says so, times its
-        weight: a new tensor the caller owns."""
-        weight = torch.tensor(float(ctx.model_param(i, "weight")), dtype=torch.float32)
+        weight (float32, 0-d): a new tensor the caller owns."""
         recipe = self.expert_recipe(ctx.param, lambda name: ctx.model_param(i, name))
         if recipe is None or base.numel() == 0:
             delta = ctx.model(i) - base
@@ -236,7 +237,7 @@ class TaskArithmeticFamily(Method):
                     # A zero delta stays zero through every sparsifier and adds nothing
                     # to any sum: skipping it gives the same bits, without the work.
                     continue
-                weighted = self.weighted_delta(ctx, i, base)
+                weighted = self.weighted_delta(ctx, i, base, fold.weights[i])
                 if folding is not None:
                     folding.result()
                 folding = folder.submit(fold.add, i, weighted)
