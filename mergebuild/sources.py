@@ -100,11 +100,7 @@ def _pickle_files(path: Path) -> list[Path]:
         return []
     index = path / PICKLE_INDEX_NAME
     if index.is_file():
-        names = sorted(set(_read_index(index).values()))
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise InputError(f"{index}: lists missing shard {missing[0]!r}")
-        return [path / n for n in names]
+        return _index_shards(index)
     if (path / PICKLE_SINGLE_NAME).is_file():
         return [path / PICKLE_SINGLE_NAME]
     others = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -118,16 +114,21 @@ def _pickle_files(path: Path) -> list[Path]:
     return []
 
 
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files an index lists (each once, sorted); every one must exist."""
+    names = sorted(set(_read_index(index).values()))
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise InputError(f"{index}: lists missing shard {missing[0]!r}")
+    return [index.parent / n for n in names]
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     index = path / INDEX_NAME
     if index.is_file():
-        names = sorted(set(_read_index(index).values()))
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise InputError(f"{index}: lists missing shard {missing[0]!r}")
-        return [path / n for n in names]
+        return _index_shards(index)
     found = sorted(path.glob("*.safetensors"))
     if not found:
         raise InputError(f"{path}: no .safetensors files")
