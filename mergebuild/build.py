@@ -201,8 +201,12 @@ def _build_target(
         writer = OutputWriter(
             staging, layout, target.spec.shard_size, target.spec.block_size, {"format": "pt"}
         )
-        report: ExecutionReport = execute(target, target_plan, reader, writer.write)
-        files = writer.finish()
+        try:
+            report: ExecutionReport = execute(target, target_plan, reader, writer.write)
+            files = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
         tokenizer = spec.resolve(target.spec.tokenizer) if target.spec.tokenizer else None
         if tokenizer is not None and not tokenizer.is_dir():
             raise InputError(f"tokenizer: {tokenizer} is not a directory")

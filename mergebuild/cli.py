@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mergebuild import __version__, freshness
+from mergebuild import __version__, freshness, memory
 from mergebuild.errors import MergebuildError
 from mergebuild.spec import JsonnetArgs
 from mergebuild.summary import BuildSummary
@@ -408,6 +408,7 @@ def version_command() -> None:
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
+    memory.use_huge_pages()
     try:
         app()
     except MergebuildError as e:

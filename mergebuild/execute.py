@@ -35,7 +35,7 @@ from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_k
 from mergebuild.methods import sparse_delta
 from mergebuild.methods.base import Scalar
 from mergebuild.methods.sparse_delta import SparseDelta
-from mergebuild.plan import HOLD_BYTES, Blocks, TargetPlan
+from mergebuild.plan import HOLD_BYTES, Blocks, NodePlan, TargetPlan
 from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor, read_bytes
 from mergebuild.tensor_checks import all_finite
 
@@ -66,21 +66,28 @@ class ReadCounters:
         self.by_file[str(path)] = self.by_file.get(str(path), 0) + nbytes
 
 
+#: One read the read-ahead does: a whole tensor (block None) or one block of it (a budget's).
+ReadJob = tuple[TensorInfo, int | None]
+#: What a read-ahead hands over: the bytes, their digests (whole tensors only), and the
+#: file's stat before and after the read.
+ReadItem = tuple[bytearray, TensorDigests | None, FileStat, FileStat]
+
+
 class ReadAhead:
-    """A thread that reads (and hashes) the tensors the plan says the next nodes need.
+    """A thread that reads (and hashes) the tensors and blocks the plan says the next nodes need.
 
     Reads release the GIL, so on two cores the disk and the arithmetic overlap.
     At most `max_bytes` of read-ahead sit in memory; the executor takes each
-    tensor in order, and whatever a node did not use is dropped when it is done.
+    read in order, and whatever a node did not use is dropped when it is done.
     """
 
-    def __init__(self, jobs: list[list[TensorInfo]], block_size: int, max_bytes: int) -> None:
+    def __init__(self, jobs: list[list[ReadJob]], block_size: int, max_bytes: int) -> None:
         self._jobs = jobs
         self._block_size = block_size
         self._max_bytes = max_bytes
-        self._ready: dict[tuple[int, str, str], tuple[bytearray, TensorDigests, FileStat, FileStat]] = {}
+        self._ready: dict[tuple[int, str, str, int | None], ReadItem] = {}
         self._held_bytes = 0
-        self._taken: set[tuple[int, str, str]] = set()
+        self._taken: set[tuple[int, str, str, int | None]] = set()
         self._done_through = -1
         self._error: BaseException | None = None
         self._stop = False
@@ -92,36 +99,47 @@ class ReadAhead:
 
     def _run(self) -> None:
         try:
-            for index, infos in enumerate(self._jobs):
-                for info in infos:
+            for index, jobs in enumerate(self._jobs):
+                for info, block in jobs:
+                    nbytes = self._nbytes(info, block)
                     with self._cond:
                         while (
                             not self._stop
                             and not self._waiting
                             and self._held_bytes
-                            and self._held_bytes + info.nbytes > self._max_bytes
+                            and self._held_bytes + nbytes > self._max_bytes
                         ):
                             self._cond.wait()
                         if self._stop:
                             return
                         if index <= self._done_through:
                             break
-                    item = _read_hashed(info, self._block_size)
+                    if block is None:
+                        item: ReadItem = _read_hashed(info, self._block_size)
+                    else:
+                        before = FileStat.of(info.path)
+                        buf = _read_block(info, BlockGrid.for_shape(info.shape, self._block_size), block)
+                        item = (buf, None, before, FileStat.of(info.path))
                     with self._cond:
-                        self._ready[(index, str(info.path), info.name)] = item
-                        self._held_bytes += info.nbytes
+                        self._ready[(index, str(info.path), info.name, block)] = item
+                        self._held_bytes += len(item[0])
                         self._cond.notify_all()
         except BaseException as e:  # handed to the executor, which raises it
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
 
-    def take(
-        self, index: int, info: TensorInfo
-    ) -> tuple[bytearray, TensorDigests, FileStat, FileStat] | None:
-        """The read-ahead of `info` for node `index`, waiting for it; None if it was not planned."""
-        key = (index, str(info.path), info.name)
-        if info not in self._jobs[index] or key in self._taken:
+    def _nbytes(self, info: TensorInfo, block: int | None) -> int:
+        if block is None:
+            return info.nbytes
+        start, end = BlockGrid.for_shape(info.shape, self._block_size).ranges()[block]
+        return (end - start) * info.row_bytes
+
+    def take(self, index: int, info: TensorInfo, block: int | None = None) -> ReadItem | None:
+        """The read-ahead of `info` (or its `block`) for node `index`, waiting for it; None if
+        it was not planned."""
+        key = (index, str(info.path), info.name, block)
+        if (info, block) not in self._jobs[index] or key in self._taken:
             return None  # not planned, or a second read of one tensor (a model listed twice)
         with self._cond:
             self._waiting += 1
@@ -133,7 +151,7 @@ class ReadAhead:
                 raise self._error
             item = self._ready.pop(key)
             self._taken.add(key)
-            self._held_bytes -= info.nbytes
+            self._held_bytes -= len(item[0])
             self._cond.notify_all()
             return item
 
@@ -154,7 +172,22 @@ class ReadAhead:
         self._thread.join()
 
 
-def _read_hashed(info: TensorInfo, block_size: int) -> tuple[bytearray, TensorDigests, FileStat, FileStat]:
+def _read_block(info: TensorInfo, grid: BlockGrid, block: int) -> bytearray:
+    """The bytes of one block of a tensor, read without the kernel's readahead (a budget counts
+    the bytes taken from disk, not just those asked for)."""
+    start, end = grid.ranges()[block]
+    try:
+        fd = os.open(info.path, os.O_RDONLY)
+    except OSError as e:
+        raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return read_bytes(info, start * info.row_bytes, end * info.row_bytes, fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _read_hashed(info: TensorInfo, block_size: int) -> ReadItem:
     """A tensor's bytes and digests, with its file's stat before and after the read."""
     try:
         before = FileStat.of(info.path)
@@ -173,18 +206,23 @@ def _read_hashed(info: TensorInfo, block_size: int) -> tuple[bytearray, TensorDi
     return buf, hasher.digests(), before, FileStat.of(info.path)
 
 
-class BlobWriter:
-    """A thread that encodes and writes per-expert blobs while the executor goes on.
+#: A blob's bytes as the blob writer takes them.
+_Blob = bytes | bytearray
 
-    zlib and file writes release the GIL, so on two cores the coding overlaps the
-    arithmetic. At most `depth` results wait in line (they hold whole tensors);
+
+class BlobWriter:
+    """A thread that encodes and writes per-expert blobs (and budgeted reads' blocks) while
+    the executor goes on.
+
+    numpy's coding passes and file writes release the GIL, so on two cores the coding
+    overlaps the arithmetic. At most `depth` results wait in line (they hold whole tensors);
     the executor records finished blobs in the catalog (`drain`), so SQLite is
     only ever used from its thread.
     """
 
     def __init__(self, cache: Cache, depth: int = 2) -> None:
         self._cache = cache
-        self._queue: queue.Queue[tuple[str, Callable[[], bytes]] | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[tuple[str, Callable[[], _Blob]] | None] = queue.Queue(maxsize=depth)
         self._done: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
         self._error: BaseException | None = None
@@ -202,7 +240,7 @@ class BlobWriter:
             except BaseException as e:  # handed to the executor, which raises it
                 self._error = e
 
-    def submit(self, key: str, encode: Callable[[], bytes]) -> None:
+    def submit(self, key: str, encode: Callable[[], _Blob]) -> None:
         self._raise()
         self._queue.put((key, encode))
 
@@ -308,22 +346,18 @@ class SourceReader:
         expected = digests.blocks[block].hex()
         start, end = self.grid(info).ranges()[block]
         shape = (end - start, *info.shape[1:])
-        cached = self.cache.result(f"block:{expected}")
+        cached = self.cache.result(_block_key(digests.blocks[block]))
         data = self.cache.read(cached) if cached is not None else None
         if data is not None:
             return bytes_to_tensor(bytearray(data), info.torch_dtype, shape)
-        before = self.stat(info)
-        try:
-            fd = os.open(info.path, os.O_RDONLY)
-        except OSError as e:
-            raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
-        try:
-            # No readahead: a budget counts the bytes taken from disk, not just those asked for.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            buf = read_bytes(info, start * info.row_bytes, end * info.row_bytes, fd=fd)
-        finally:
-            os.close(fd)
-        if FileStat.of(info.path) != before or xxhash.xxh3_128_hexdigest(buf) != expected:
+        first_seen = self.stat(info)
+        item = self.read_ahead.take(self.node_index, info, block) if self.read_ahead is not None else None
+        if item is not None:
+            buf, _, before, after = item
+        else:
+            before, buf = first_seen, _read_block(info, self.grid(info), block)
+            after = FileStat.of(info.path)
+        if before != first_seen or after != first_seen or xxhash.xxh3_128_hexdigest(buf) != expected:
             self.cache.catalog.forget_file(info.path)
             raise ExecutionError(
                 f"{info.path}: tensor {info.name!r} differs from what the catalog recorded for this file; "
@@ -331,13 +365,15 @@ class SourceReader:
             )
         self.counters.add(info.path, len(buf))
         if keep:
-            self.cache.record_blobs([(f"block:{expected}", *self.cache.write_blob(buf))])
+            assert self.blob_writer is not None
+            self.blob_writer.submit(_block_key(digests.blocks[block]), lambda: buf)
         return bytes_to_tensor(buf, info.torch_dtype, shape)
 
     def _read_bytes(self, info: TensorInfo) -> tuple[bytearray, TensorDigests]:
         first_seen = self.stat(info)
         item = self.read_ahead.take(self.node_index, info) if self.read_ahead is not None else None
         buf, digests, before, after = item if item is not None else _read_hashed(info, self.block_size)
+        assert digests is not None, "whole reads are hashed"
         if before != first_seen or after != first_seen:
             raise ExecutionError(
                 f"{info.path}: changed while the build was reading it; nothing was published"
@@ -396,9 +432,13 @@ class _Context:
         report: ExecutionReport,
         allocation: tuple[Blocks, ...],
         with_stats: bool,
+        rows: tuple[int, int] | None = None,
+        stored_base: torch.Tensor | None = None,
     ) -> None:
         self.name = node.name
-        self.shape = node.shape
+        #: With `rows`, the context is that row range of the tensor (the rest is not computed).
+        self._rows = rows
+        self.shape = node.shape if rows is None else (rows[1] - rows[0], *node.shape[1:])
         self.num_models = len(node.models)
         self.has_base = node.base is not None
         self._node = node
@@ -409,15 +449,17 @@ class _Context:
         self._per_model = [dict(p) for p in node.per_model]
         self._by_block = bool(allocation)
         self._allocation = allocation or (None,) * len(node.models)
-        self._with_stats = with_stats and node.base is not None
+        self._with_stats = with_stats and node.base is not None and rows is None
         self._base: torch.Tensor | None = None
-        #: The base as stored: per-expert blobs are coded against its bit patterns.
-        self._stored_base: torch.Tensor | None = None
+        #: The whole base as stored: per-expert blobs are coded against its bit patterns.
+        self._stored_base = stored_base
 
     def base(self) -> torch.Tensor:
         assert self._node.base is not None, "method asked for a base the spec does not have"
-        self._stored_base = self._reader.read(self._node.base)
-        self._base = _finite(self._stored_base.to(torch.float32), self._node.base)
+        if self._stored_base is None:
+            self._stored_base = self._reader.read(self._node.base)
+        stored = self._stored_base if self._rows is None else self._stored_base[slice(*self._rows)]
+        self._base = _finite(stored.to(torch.float32), self._node.base)
         return self._base
 
     def model(self, i: int) -> torch.Tensor:
@@ -426,6 +468,7 @@ class _Context:
         if blocks is None and self._by_block:
             # Under a budget even a whole tensor goes block by block, through the block cache.
             blocks = tuple(range(len(self._reader.grid(info).ranges())))
+        assert self._rows is None or blocks is not None, "a row range is read by blocks"
         if blocks is not None:
             return self._allocated(info, blocks)
         return _finite(self._reader.read(info).to(torch.float32), info)
@@ -449,13 +492,17 @@ class _Context:
 
     def _allocated(self, info: TensorInfo, blocks: tuple[int, ...]) -> torch.Tensor:
         """The expert's tensor as a budget sees it: its allocated blocks, the base's rows elsewhere."""
-        tensor = self._known_base().clone()
-        rows = tensor.reshape(info.rows, -1) if tensor.dim() else tensor.reshape(1, 1)
+        base = self._known_base()
+        first = self._rows[0] if self._rows is not None else 0
         ranges = self._reader.grid(info).ranges()
+        whole = sum(ranges[b][1] - ranges[b][0] for b in blocks) == (base.shape[0] if base.dim() else 1)
+        # Rows the blocks do not cover are the base's; when they cover all, nothing to copy.
+        tensor = torch.empty_like(base) if whole else base.clone()
+        rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() else tensor.reshape(1, 1)
         for b in blocks:
             start, end = ranges[b]
-            block = self._reader.read_block(info, b, keep=True).to(torch.float32)
-            rows[start:end] = _finite(block, info).reshape(end - start, -1)
+            block = _finite(self._reader.read_block(info, b, keep=True), info)
+            rows[start - first : end - first].copy_(block.reshape(end - start, -1))
         return tensor
 
     def param(self, name: str) -> Scalar:
@@ -465,12 +512,17 @@ class _Context:
         return self._per_model[i][name]
 
     def uniform(self, i: int) -> torch.Tensor:
-        info = self._node.models[i][1]
-        return rng.uniform(self._stream(i), 0, info.numel).reshape(self.shape)
+        return rng.uniform(self._stream(i), *self._flat_range()).reshape(self.shape)
 
     def keep_mask(self, i: int, density: float) -> torch.Tensor:
-        info = self._node.models[i][1]
-        return rng.keep_mask(self._stream(i), 0, info.numel, density).reshape(self.shape)
+        return rng.keep_mask(self._stream(i), *self._flat_range(), density).reshape(self.shape)
+
+    def _flat_range(self) -> tuple[int, int]:
+        """(first flat index, count) of the elements this context covers."""
+        numel = math.prod(self.shape)
+        if self._rows is None:
+            return 0, numel
+        return self._rows[0] * math.prod(self.shape[1:]), numel
 
     def _stream(self, i: int) -> int:
         info = self._node.models[i][1]
@@ -480,6 +532,7 @@ class _Context:
         self, i: int, recipe: Mapping[str, Scalar | str], compute: Callable[[], SparseDelta]
     ) -> SparseDelta:
         assert self._node.base is not None, "per-expert work is a delta against the base"
+        assert self._rows is None, "per-expert work covers whole tensors"
         info = self._node.models[i][1]
         cache = self._reader.cache
         blocks = self._allocation[i]
@@ -514,9 +567,9 @@ def execute(
     """Build every node of `target` in order (with `plan`'s allocation), passing each result to `write`."""
     report = ExecutionReport()
     started = time.perf_counter()
+    blocks_seen: set[bytes] = set()
     jobs = [
-        list(dict.fromkeys(node.inputs[r.position] for r in p.reads if r.whole))
-        for node, p in zip(target.nodes, plan.nodes, strict=True)
+        _read_jobs(node, p, reader, blocks_seen) for node, p in zip(target.nodes, plan.nodes, strict=True)
     ]
     reader.read_ahead = ReadAhead(jobs, reader.block_size, read_ahead_bytes())
     reader.blob_writer = BlobWriter(reader.cache)
@@ -535,6 +588,33 @@ def execute(
         reader.blob_writer = None
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _read_jobs(
+    node: TensorNode, node_plan: NodePlan, reader: SourceReader, blocks_seen: set[bytes]
+) -> list[ReadJob]:
+    """What the read-ahead reads for one node: its whole inputs, and a budget's blocks that
+    neither the cache nor an earlier node's read (`blocks_seen`, by digest) provides."""
+    jobs: list[ReadJob] = []
+    for read in node_plan.reads:
+        info = node.inputs[read.position]
+        if read.whole:
+            jobs.append((info, None))
+            continue
+        blocks = node_plan.allocation[read.position - (node.base is not None)]
+        digests = reader.known(info)
+        assert digests is not None, "a budget is planned only over tensors the catalog knows"
+        for b in range(len(digests.blocks)) if blocks is None else blocks:
+            digest = digests.blocks[b]
+            if digest not in blocks_seen and reader.cache.result(_block_key(digest)) is None:
+                blocks_seen.add(digest)
+                jobs.append((info, b))
+    return list(dict.fromkeys(jobs))
+
+
+def _block_key(digest: bytes) -> str:
+    """The cache key of a source block kept by a budgeted build."""
+    return f"block:{digest.hex()}"
 
 
 def _execute_nodes(
@@ -607,11 +687,67 @@ def _compute(
         assert node.base is not None
         tensor = reader.read(node.base)
         return tensor.to(node.dtype) if node.dtype != tensor.dtype else tensor
+    runs = _allocated_runs(node, target, reader, allocation)
+    if runs is not None:
+        return _compute_runs(node, target, reader, report, allocation, runs)
     ctx = _Context(node, reader, target.spec.seed, report, allocation, target.method.budgeted)
+    return _merged(target, ctx).to(node.dtype)
+
+
+def _merged(target: CompiledTarget, ctx: _Context) -> torch.Tensor:
     merged = target.method.merge(ctx)
-    if merged.shape != node.shape:
-        raise AssertionError(f"{target.method.name} returned shape {tuple(merged.shape)} for {node.name}")
-    return merged.to(node.dtype)
+    if merged.shape != ctx.shape:
+        raise AssertionError(f"{target.method.name} returned shape {tuple(merged.shape)} for {ctx.name}")
+    return merged
+
+
+def _allocated_runs(
+    node: TensorNode, target: CompiledTarget, reader: SourceReader, allocation: tuple[Blocks, ...]
+) -> list[tuple[int, int]] | None:
+    """Under a budget that leaves some blocks of the tensor to no model, and for a method
+    whose rows are independent: the runs of blocks [first, end) some model has."""
+    if not allocation or any(blocks is None for blocks in allocation) or node.base is None:
+        return None
+    shared, per_model = dict(node.shared), [dict(p) for p in node.per_model]
+    model_params = [lambda name, p=p: p[name] for p in per_model]
+    if not target.method.rows_independent(lambda name: shared[name], model_params):
+        return None
+    covered = sorted({b for blocks in allocation for b in blocks})
+    if len(covered) == len(reader.grid(node.base).ranges()):
+        return None
+    runs: list[tuple[int, int]] = []
+    for b in covered:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
+
+
+def _compute_runs(
+    node: TensorNode,
+    target: CompiledTarget,
+    reader: SourceReader,
+    report: ExecutionReport,
+    allocation: tuple[Blocks, ...],
+    runs: list[tuple[int, int]],
+) -> torch.Tensor:
+    """The tensor merged only on the rows of `runs` (blocks some model has): elsewhere every
+    delta is zero by the budget, and the result is the base's bits."""
+    assert node.base is not None
+    stored_base = reader.read(node.base)
+    # Each run reads only its own rows of the base, so the result may overwrite them in place.
+    merged = stored_base.to(node.dtype)
+    out_rows = merged.reshape(merged.shape[0], -1)
+    ranges = reader.grid(node.base).ranges()
+    for first, end in runs:
+        rows = (ranges[first][0], ranges[end - 1][1])
+        in_run = tuple(tuple(b for b in blocks or () if first <= b < end) for blocks in allocation)
+        ctx = _Context(
+            node, reader, target.spec.seed, report, in_run, False, rows=rows, stored_base=stored_base
+        )
+        out_rows[rows[0] : rows[1]] = _merged(target, ctx).to(node.dtype).reshape(rows[1] - rows[0], -1)
+    return merged
 
 
 def _finite(tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:

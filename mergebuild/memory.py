@@ -1,5 +1,12 @@
-"""Process-wide tuning of the C allocator for large tensors.
+"""Process-wide tuning of memory for large tensors.
 
+`use_huge_pages` (what the CLI does): torch backs large CPU tensors with 2 MiB
+transparent huge pages, so a fresh temporary costs one page fault per 2 MiB on
+first touch instead of one per 4 KiB. On this kind of machine that makes an
+elementwise op into a fresh 200 MB tensor about 3x faster (20 ms against 60 ms),
+with the same peak RSS.
+
+`tune_allocator` (an experiment the kernel benchmark can switch on):
 glibc serves every allocation above M_MMAP_THRESHOLD (at most 32 MiB by its
 dynamic rule) with a fresh mmap and unmaps it on free. Merge kernels allocate
 tens to hundreds of MiB per temporary, so each temporary costs a page fault per
@@ -18,11 +25,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
+
+
+def use_huge_pages() -> None:
+    """Ask torch to align large CPU allocations to 2 MiB and advise huge pages for them
+    (torch reads $THP_MEM_ALLOC_ENABLE once, at its first allocation: call this before
+    importing torch). A setting already in the environment is left as it is."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import BinaryIO
 import torch
 import xxhash
 
-from mergebuild.catalog import BlockGrid, TensorDigests, TensorHasher
+from mergebuild.catalog import BlockGrid, TensorDigests, hash_bytes
 from mergebuild.errors import ExecutionError, InputError
 from mergebuild.freshness import MARKER, side_files
 from mergebuild.safetensors_io import DTYPE_NAMES, TensorInfo, header_for
@@ -57,8 +58,18 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+#: Output bytes waiting for the writer thread at most (besides the tensor being written).
+WRITE_BEHIND_BYTES = 256 * 2**20
+
+
 class OutputWriter:
-    """Streams tensors, in layout order, into safetensors shards in `directory`."""
+    """Streams tensors, in layout order, into safetensors shards in `directory`.
+
+    A thread does the file writes, which stall whenever the kernel throttles dirty
+    pages, so the build goes on with the next tensor meanwhile; at most
+    `queue_bytes` of finished tensors wait for it. Tensor digests are computed on
+    the caller's thread (they are its return value), file digests on the writer's.
+    """
 
     def __init__(
         self,
@@ -67,69 +78,55 @@ class OutputWriter:
         shard_size: int,
         block_size: int,
         metadata: dict[str, str],
+        queue_bytes: int = WRITE_BEHIND_BYTES,
     ) -> None:
         self.directory = directory
         self._shards = shard_layout(entries, shard_size)
         self._names = shard_names(len(self._shards))
+        self._headers = [header_for(shard, metadata) for shard in self._shards]
         self._order = [(i, e) for i, shard in enumerate(self._shards) for e in shard]
         self._next = 0
+        self._offset = 0
         self._block_size = block_size
-        self._metadata = metadata
-        self._file: BinaryIO | None = None
-        self._file_hash = xxhash.xxh3_128()
         self._files: list[OutputFile] = []
-        self._shard = -1
         #: Where each tensor's bytes sit: name -> (file name, offset in the file, length).
         self.placements: dict[str, tuple[str, int, int]] = {}
-
-    def _open_shard(self, index: int) -> None:
-        self._close_shard()
-        self._shard = index
-        path = self.directory / self._names[index]
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in _close_shard
-        self._file_hash = xxhash.xxh3_128()
-        self._emit(header_for(self._shards[index], self._metadata))
-
-    def _emit(self, data: bytes | bytearray | memoryview) -> None:
-        assert self._file is not None
-        self._file.write(data)
-        self._file_hash.update(data)
-
-    def _close_shard(self) -> None:
-        if self._file is None:
-            return
-        f = self._file
-        f.flush()
-        os.fsync(f.fileno())
-        size = f.tell()
-        f.close()
-        self._files.append(OutputFile(self._names[self._shard], size, self._file_hash.hexdigest()))
-        self._file = None
+        self._queue_bytes = queue_bytes
+        self._queued: list[tuple[int, memoryview] | None] = []
+        self._held = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="mergebuild-output-writer", daemon=True)
+        self._thread.start()
 
     def write(self, name: str, tensor: torch.Tensor) -> TensorDigests:
         """Append the next tensor of the layout; return its digests."""
         shard, (expected, dtype, shape) = self._order[self._next]
         if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise AssertionError(f"writer expected {expected} {dtype} {shape}, got {name} {tensor.dtype}")
-        if shard != self._shard:
-            self._open_shard(shard)
+        if self._next == 0 or shard != self._order[self._next - 1][0]:
+            self._offset = len(self._headers[shard])
         data = tensor_bytes(tensor)
         info = TensorInfo(name, Path(), DTYPE_NAMES[dtype], shape, 0, len(data))
-        hasher = TensorHasher(info, BlockGrid.for_shape(shape, self._block_size))
-        hasher.update(data)
-        assert self._file is not None
-        self.placements[name] = (self._names[shard], self._file.tell(), len(data))
-        self._emit(data)
+        digests = hash_bytes(info, BlockGrid.for_shape(shape, self._block_size), data)
+        self.placements[name] = (self._names[shard], self._offset, len(data))
+        self._offset += len(data)
         self._next += 1
-        return hasher.digests()
+        with self._cond:
+            while self._error is None and self._held and self._held + len(data) > self._queue_bytes:
+                self._cond.wait()
+            self._raise()
+            self._queued.append((shard, data))
+            self._held += len(data)
+            self._cond.notify_all()
+        return digests
 
     def finish(self) -> list[OutputFile]:
-        """Close the last shard and write the index when there are several."""
+        """Write what is queued, close the last shard and write the index when there are several."""
         if self._next != len(self._order):
             raise AssertionError("writer finished before every tensor was written")
-        if not self._order:
-            self._open_shard(0)
-        self._close_shard()
+        self._stop()
+        self._raise()
         if len(self._names) > 1:
             weight_map = {name: self._names[i] for i, (name, _, _) in self._order}
             total = sum(math.prod(shape) * dtype.itemsize for _, (_, dtype, shape) in self._order)
@@ -139,14 +136,83 @@ class OutputWriter:
             self._files.append(OutputFile(INDEX_FILE, len(raw), xxhash.xxh3_128_hexdigest(raw)))
         return sorted(self._files, key=lambda f: f.name)
 
+    def abort(self) -> None:
+        """Stop writing (the build failed): drop what is queued and close the open shard."""
+        with self._cond:
+            self._queued.clear()
+            self._error = self._error or ExecutionError("output writer aborted")
+            self._cond.notify_all()
+        self._stop()
 
-def tensor_bytes(tensor: torch.Tensor) -> bytearray:
-    """The tensor's bytes in safetensors (little-endian, C order) layout."""
-    flat = tensor.contiguous().reshape(-1)
-    out = bytearray(flat.numel() * flat.element_size())
-    if out:
-        torch.frombuffer(out, dtype=torch.uint8).copy_(flat.view(torch.uint8))
-    return out
+    def _stop(self) -> None:
+        with self._cond:
+            self._queued.append(None)
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        file: BinaryIO | None = None
+        file_hash = xxhash.xxh3_128()
+        shard = -1
+        try:
+            while True:
+                with self._cond:
+                    while not self._queued:
+                        self._cond.wait()
+                    job = self._queued.pop(0)
+                if job is None or self._error is not None:
+                    break
+                index, data = job
+                if index != shard:
+                    self._close_shard(file, shard, file_hash)
+                    shard, file_hash = index, xxhash.xxh3_128()
+                    file = open(self.directory / self._names[index], "wb")  # noqa: SIM115 - closed below
+                    _emit(file, file_hash, self._headers[index])
+                assert file is not None
+                _emit(file, file_hash, data)
+                written = len(data)
+                job = data = None  # the tensor may be freed while the writer waits for the next
+                with self._cond:
+                    self._held -= written
+                    self._cond.notify_all()
+            if self._error is None:
+                if shard < 0:  # no tensors: one empty shard still makes a loadable model
+                    shard, file = 0, open(self.directory / self._names[0], "wb")  # noqa: SIM115
+                    _emit(file, file_hash, self._headers[0])
+                self._close_shard(file, shard, file_hash)
+                file = None
+        except BaseException as e:  # handed to the build, which raises it
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            if file is not None:
+                file.close()
+
+    def _close_shard(self, file: BinaryIO | None, shard: int, file_hash: xxhash.xxh3_128) -> None:
+        if file is None:
+            return
+        file.flush()
+        os.fsync(file.fileno())
+        size = file.tell()
+        file.close()
+        self._files.append(OutputFile(self._names[shard], size, file_hash.hexdigest()))
+
+
+def _emit(file: BinaryIO, file_hash: xxhash.xxh3_128, data: bytes | memoryview) -> None:
+    file.write(data)
+    file_hash.update(data)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in safetensors (little-endian, C order) layout: a view of its
+    memory when it is contiguous (no copy of a tensor the size of the output's largest)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def write_file(path: Path, data: bytes) -> None:

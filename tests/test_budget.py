@@ -207,3 +207,47 @@ def test_unknown_experts_need_an_index(tmp_path: Path, family: Family) -> None:
     assert index(spec, BuildOptions(cache_dir=tmp_path / "empty")) == 0
     target = build(spec, BuildOptions(cache_dir=tmp_path / "empty")).targets[0]
     assert target.bound is not None and target.expert_bytes_read <= target.budget_bytes
+
+
+def test_budgeted_rows_are_the_allocated_deltas_or_the_base(
+    tmp_path: Path, family: Family, indexed: Path
+) -> None:
+    """task_arithmetic under a budget: each expert stands for the base outside its allocated
+    blocks, and rows no model's block covers are the base's bits (they are not computed)."""
+    base, experts = _load(family.base), [_load(p) for p in family.experts]
+    partly_covered = 0
+    for fraction in (0.1, 0.2, 0.3, 0.45, 0.6):
+        spec = _spec(tmp_path / "b.json", family, "task_arithmetic", {"fraction": fraction}, "float32")
+        allocated = _allocated(spec, indexed, family)
+        build(spec, BuildOptions(cache_dir=indexed))
+        partly_covered += _check_budgeted_rows(_load(tmp_path / "out-b"), base, experts, allocated)
+    assert partly_covered > 0
+
+
+def _check_budgeted_rows(
+    out: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    experts: list[dict[str, torch.Tensor]],
+    allocated: dict[tuple[int, str, int], int],
+) -> int:
+    """Assert the budgeted task_arithmetic result block by block; return how many tensors
+    had some blocks covered and some not."""
+    weights = [torch.tensor(w) for w in (1.0, 0.5, 0.8)]
+    partly_covered = 0
+    for name, merged in out.items():
+        ranges = BlockGrid.for_shape(tuple(merged.shape), 4096).ranges()
+        b = base[name].float()
+        rows = merged.reshape(len(merged) if merged.dim() else 1, -1)
+        covered = [any((m, name, i) in allocated for m in range(3)) for i in range(len(ranges))]
+        partly_covered += any(covered) and not all(covered)
+        for i, (start, end) in enumerate(ranges):
+            base_rows = b.reshape(rows.shape)[start:end]
+            if not covered[i]:
+                assert torch.equal(rows[start:end], base_rows), (name, i)
+                continue
+            acc = torch.zeros_like(base_rows)
+            for m, expert in enumerate(experts):
+                if (m, name, i) in allocated:
+                    acc += (expert[name].float().reshape(rows.shape)[start:end] - base_rows) * weights[m]
+            assert torch.equal(rows[start:end], acc + base_rows), (name, i)
+    return partly_covered

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -25,3 +26,12 @@ def test_tune_allocator_rejects_values_mallopt_cannot_take(value: int) -> None:
         memory.tune_allocator(mmap_threshold=value)
     with pytest.raises(ValueError, match="C int"):
         memory.tune_allocator(trim_threshold=value)
+
+
+def test_use_huge_pages_sets_torchs_switch_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    memory.use_huge_pages()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    memory.use_huge_pages()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

@@ -11,7 +11,7 @@ float32; the executor casts it to the output dtype once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
@@ -76,7 +76,8 @@ class TensorContext(Protocol):
         ...
 
     def model(self, i: int) -> torch.Tensor:
-        """Model i's tensor as float32 (reads it; call once per model)."""
+        """Model i's tensor as float32 (reads it; call once per model): a tensor the caller
+        owns and may overwrite."""
         ...
 
     def param(self, name: str) -> Scalar:
@@ -150,6 +151,14 @@ class Method(ABC):
         """The recipe of a model's per-expert work (see `TensorContext.expert_work`), given
         its resolved parameters; None when the method does no per-expert work for it."""
         return None
+
+    def rows_independent(
+        self, param: Callable[[str], Scalar], model_params: Sequence[Callable[[str], Scalar]]
+    ) -> bool:
+        """Whether, with these resolved parameters, each row of the merged tensor depends only
+        on the same row of every input (no whole-tensor statistics): a read budget then
+        computes only the rows its allocated blocks cover and takes the base's elsewhere."""
+        return False
 
     def param_spec(self, name: str) -> ParamSpec | None:
         """The spec of parameter `name`, or None if this method does not take it."""

@@ -13,7 +13,7 @@ time into a handful of accumulators, and the consensus is resolved at the end
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ClassVar, Literal
 
@@ -62,40 +62,52 @@ class _Fold:
         self.track_weights = consensus and track_weights
         self.use_bits = len(weights) <= _MAX_BIT_MODELS
         self.total: torch.Tensor | None = None
-        self.pos = self.neg = self.pos_weight = self.neg_weight = None
+        self.pos: torch.Tensor | None = None
+        self.neg: torch.Tensor | None = None
+        self.pos_weight: torch.Tensor | None = None
+        self.neg_weight: torch.Tensor | None = None
         self.flags: torch.Tensor | None = None
+        #: Where a later model's negative part is clamped to.
+        self.scratch: torch.Tensor | None = None
 
     def add(self, i: int, weighted: torch.Tensor) -> None:
-        """Fold in model i's weighted delta (consumed: the fold may overwrite it)."""
-        if self.total is None:
-            self.total = torch.zeros_like(weighted)
-            if self.consensus:
-                self.pos, self.neg = torch.zeros_like(weighted), torch.zeros_like(weighted)
+        """Fold in model i's weighted delta (consumed: the fold may overwrite it).
+
+        The sums start at zero, and `0 + x` is `x + 0` (IEEE: both turn -0 into +0), so
+        the first model's sums are its own values plus 0, without zeroed buffers.
+        """
+        first = self.total is None
+        if first:
+            # Without consensus the total may take the model's buffer; with it, that becomes `pos`.
+            self.total = weighted.add_(0.0) if not self.consensus else weighted.add(0.0)
             if self.track_weights:
-                dtype = (
-                    torch.float32
-                    if not self.use_bits
-                    else torch.uint8
-                    if len(self.weights) <= 8
-                    else torch.int32
-                )
-                self.pos_weight, self.neg_weight = (
-                    torch.zeros_like(weighted, dtype=dtype),
-                    torch.zeros_like(weighted, dtype=dtype),
-                )
-                self.flags = torch.empty(weighted.shape, dtype=torch.bool)
-        self.total += weighted
-        if not self.consensus:
-            return
-        assert self.pos is not None and self.neg is not None
+                self._start_weights(weighted)
+        else:
+            assert self.total is not None
+            self.total += weighted
         if self.track_weights:
             assert self.pos_weight is not None and self.neg_weight is not None and self.flags is not None
             alpha = (1 << i) if self.use_bits else float(self.weights[i])
             self.pos_weight.add_(torch.gt(weighted, 0, out=self.flags), alpha=alpha)
             self.neg_weight.add_(torch.lt(weighted, 0, out=self.flags), alpha=alpha)
+        if not self.consensus:
+            return
         # clamp keeps a value or gives +0, as where(sign, value, 0) would: same sums, fewer passes.
-        self.neg += weighted.clamp(max=0)
+        if first:
+            self.neg = weighted.clamp(max=0).add_(0.0)
+            self.pos = weighted.clamp_(min=0).add_(0.0)
+            return
+        assert self.pos is not None and self.neg is not None
+        if self.scratch is None:
+            self.scratch = torch.empty_like(weighted)
+        self.neg += torch.clamp(weighted, max=0, out=self.scratch)
         self.pos += weighted.clamp_(min=0)
+
+    def _start_weights(self, like: torch.Tensor) -> None:
+        dtype = torch.float32 if not self.use_bits else torch.uint8 if len(self.weights) <= 8 else torch.int32
+        self.pos_weight = torch.zeros_like(like, dtype=dtype)
+        self.neg_weight = torch.zeros_like(like, dtype=dtype)
+        self.flags = torch.empty(like.shape, dtype=torch.bool)
 
     def resolve(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mixed delta, and (with consensus and tracked weights) the summed weights of
@@ -131,6 +143,8 @@ class _Fold:
 class TaskArithmeticFamily(Method):
     """One member of the family, fixed by its consensus, sparsifier and defaults."""
 
+    # 2: under a budget, rows that no model's allocated block covers are the base's bits.
+    version = 2
     budgeted = True
     consensus: ClassVar[bool] = False
     sparsifier: ClassVar[Sparsifier | None] = None
@@ -181,6 +195,13 @@ class TaskArithmeticFamily(Method):
             recipe["epsilon"] = float(model_param("epsilon"))
         return recipe
 
+    def rows_independent(
+        self, param: Callable[[str], Scalar], model_params: Sequence[Callable[[str], Scalar]]
+    ) -> bool:
+        # Only sparsifiers look at the whole tensor (top-k thresholds, L1 rescaling);
+        # signs, consensus and normalization are per element.
+        return all(self.expert_recipe(param, model_param) is None for model_param in model_params)
+
     def weighted_delta(
         self, ctx: TensorContext, i: int, base: torch.Tensor, weight: torch.Tensor
     ) -> torch.Tensor:
@@ -188,7 +209,7 @@ class TaskArithmeticFamily(Method):
         weight (float32, 0-d): a new tensor the caller owns."""
         recipe = self.expert_recipe(ctx.param, lambda name: ctx.model_param(i, name))
         if recipe is None or base.numel() == 0:
-            delta = ctx.model(i) - base
+            delta = ctx.model(i).sub_(base)
             ctx.note_delta(i, delta)
             return delta.mul_(weight)
         density = float(recipe["density"])
