@@ -113,21 +113,25 @@ def bench_method(method: str, fam: Family, args: argparse.Namespace, warmup: str
 
     print(f"\n## {method}: reference build (no budget)", flush=True)
     ref_cache = work / "full" / "cache"
-    remove(ref_out, ref_cache, ref_spec.with_name("spec.lock.json"))
+    ref_runs: list[Measurement] = []
     try:
-        ref = run_measured(
-            mergebuild_cmd(ref_spec, ref_cache, *args.mergebuild_arg),
-            label="reference",
-            log_dir=logs,
-            evict_paths=[*expert_files, ref_cache],
-            warm_paths=base_files,
-            sync_paths=[ref_out],
-        )
+        for rep in range(args.repeats):
+            remove(ref_out, ref_cache, ref_spec.with_name("spec.lock.json"))
+            ref_runs.append(
+                run_measured(
+                    mergebuild_cmd(ref_spec, ref_cache, *args.mergebuild_arg),
+                    label=f"reference-{rep}",
+                    log_dir=logs,
+                    evict_paths=[*expert_files, ref_cache],
+                    warm_paths=base_files,
+                    sync_paths=[ref_out],
+                )
+            )
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         data["error"] = str(e)
         return data
-    data["reference"] = ref
+    data["reference"] = median_measurement(ref_runs)
     remove(ref_cache)
     update = update_norm(ref_out, fam.base)
     data["update_norm"] = update
@@ -213,6 +217,7 @@ def rows_for(method: str, data: dict[str, Any]) -> list[list[str]]:
                     method,
                     label,
                     fmt_s(m.total_s),
+                    "1x" if label.startswith("none") else "",
                     fmt_bytes(m.read_bytes),
                     fmt_ratio(ratio(m.read_bytes, expert_bytes)),
                     "",
@@ -224,11 +229,12 @@ def rows_for(method: str, data: dict[str, Any]) -> list[list[str]]:
                 ]
             )
     if data.get("error"):
-        rows.append([method, "none (full)", "failed", *[""] * 8])
+        rows.append([method, "none (full)", "failed", *[""] * 9])
     update = data.get("update_norm")
+    reference: Measurement | None = data["reference"]
     for frac, entry in data["fractions"].items():
         if not entry["runs"]:
-            rows.append([method, f"{frac:g}", "failed", *[""] * 8])
+            rows.append([method, f"{frac:g}", "failed", *[""] * 9])
             continue
         m = median_measurement(entry["runs"])
         bound = entry.get("bound")
@@ -242,6 +248,7 @@ def rows_for(method: str, data: dict[str, Any]) -> list[list[str]]:
                 method,
                 f"{frac:g}",
                 fmt_s(m.total_s),
+                fmt_ratio(ratio(reference.total_s, m.total_s)) if reference is not None else "n/a",
                 fmt_bytes(m.read_bytes),
                 fmt_ratio(ratio(m.read_bytes, expert_bytes)),
                 fmt_bytes(entry.get("tool_read")) if entry.get("tool_read") is not None else "n/a",
@@ -259,6 +266,7 @@ HEADERS = [
     "method",
     "budget",
     "wall s",
+    "full wall / this",
     "read (OS)",
     "read / expert bytes",
     "tool says read",

@@ -111,9 +111,10 @@ def old_rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return kept * (before / after)
 
 
-def new_rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    factor = sparsify.l1_factor(delta, kept)
-    return kept if factor is None else kept * factor
+def new_rescale_l1(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    kept = delta.clone()  # mask_in_place overwrites its input, as the merge's own delta
+    factor = sparsify.mask_in_place(kept, mask, rescale=True)
+    return kept if factor is None else kept.mul_(factor)
 
 
 def old_uniform(key: int, start: int, count: int) -> torch.Tensor:
@@ -145,7 +146,8 @@ def cases(delta: torch.Tensor) -> dict[str, tuple[Callable[[], object], Callable
     n = delta.numel()
     rows = delta[: n - n % 4096].view(-1, 4096)  # della ranks within rows of a 4096-wide matrix
     u = rng.uniform(KEY, 0, rows.numel()).view(rows.shape)
-    kept = delta * rng.keep_mask(KEY, 0, n, 0.3)
+    mask = rng.keep_mask(KEY, 0, n, 0.3)
+    kept = delta * mask
     neg = -delta.abs()
     return {
         "magnitude": (lambda: old_magnitude(delta, 0.3), lambda: sparsify.magnitude(delta, 0.3)),
@@ -161,7 +163,7 @@ def cases(delta: torch.Tensor) -> dict[str, tuple[Callable[[], object], Callable
         "random": (lambda: old_uniform(KEY, 0, n) < 0.3, lambda: rng.keep_mask(KEY, 0, n, 0.3)),
         "uniform": (lambda: old_uniform(KEY, 0, n), lambda: rng.uniform(KEY, 0, n)),
         "della": (lambda: old_della(rows, u, 0.5, 0.15), lambda: sparsify.della(rows, u, 0.5, 0.15)),
-        "rescale_l1": (lambda: old_rescale_l1(delta, kept), lambda: new_rescale_l1(delta, kept)),
+        "rescale_l1": (lambda: old_rescale_l1(delta, kept), lambda: new_rescale_l1(delta, mask)),
         "all_finite": (
             lambda: bool(torch.isfinite(delta).all()),
             lambda: tensor_checks.all_finite(delta),

@@ -28,6 +28,7 @@ from mergebuild.publish import (
     discard,
     publish,
     staging_dir,
+    write_behind_bytes,
 )
 from mergebuild.sources import CONVERTED_DIR, ModelSource
 from mergebuild.spec import JsonnetArgs, Spec
@@ -199,7 +200,12 @@ def _build_target(
     try:
         layout = [(node.name, node.dtype, node.shape) for node in target.nodes]
         writer = OutputWriter(
-            staging, layout, target.spec.shard_size, target.spec.block_size, {"format": "pt"}
+            staging,
+            layout,
+            target.spec.shard_size,
+            target.spec.block_size,
+            {"format": "pt"},
+            queue_bytes=write_behind_bytes(),
         )
         try:
             report: ExecutionReport = execute(target, target_plan, reader, writer.write)

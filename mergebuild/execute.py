@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -210,51 +209,77 @@ def _read_hashed(info: TensorInfo, block_size: int) -> ReadItem:
 _Blob = bytes | bytearray
 
 
+#: Bytes of results waiting for the blob writer at most (one result may be bigger).
+BLOB_QUEUE_BYTES = 256 * 2**20
+
+
 class BlobWriter:
     """A thread that encodes and writes per-expert blobs (and budgeted reads' blocks) while
     the executor goes on.
 
     numpy's coding passes and file writes release the GIL, so on two cores the coding
-    overlaps the arithmetic. At most `depth` results wait in line (they hold whole tensors);
-    the executor records finished blobs in the catalog (`drain`), so SQLite is
-    only ever used from its thread.
+    overlaps the arithmetic. The results waiting in line hold whole tensors, so their
+    bytes are capped (`max_bytes`, or one result); the executor records finished blobs
+    in the catalog (`drain`), so SQLite is only ever used from its thread.
     """
 
-    def __init__(self, cache: Cache, depth: int = 2) -> None:
+    def __init__(self, cache: Cache, max_bytes: int = BLOB_QUEUE_BYTES) -> None:
         self._cache = cache
-        self._queue: queue.Queue[tuple[str, Callable[[], _Blob]] | None] = queue.Queue(maxsize=depth)
+        self._max_bytes = max_bytes
+        self._jobs: list[tuple[str, Callable[[], _Blob], int] | None] = []
+        self._held = 0
         self._done: list[tuple[str, str, int]] = []
-        self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mergebuild-blob-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            key, encode = job
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                job = self._jobs.pop(0)
+            if job is None:
+                return
+            key, encode, nbytes = job
+            job = None
             try:
                 if self._error is None:
                     digest, size = self._cache.write_blob(encode())
-                    with self._lock:
+                    with self._cond:
                         self._done.append((key, digest, size))
             except BaseException as e:  # handed to the executor, which raises it
                 self._error = e
+            finally:
+                encode = None  # the result's tensors may be freed now
+                with self._cond:
+                    self._held -= nbytes
+                    self._cond.notify_all()
 
-    def submit(self, key: str, encode: Callable[[], _Blob]) -> None:
+    def submit(self, key: str, encode: Callable[[], _Blob], nbytes: int) -> None:
+        """Queue a blob for `key`; `nbytes` is about what `encode` holds until it has run."""
         self._raise()
-        self._queue.put((key, encode))
+        with self._cond:
+            while self._error is None and self._held and self._held + nbytes > self._max_bytes:
+                self._cond.wait()
+            self._jobs.append((key, encode, nbytes))
+            self._held += nbytes
+            self._cond.notify_all()
 
     def drain(self) -> None:
         """Record the blobs written so far."""
         self._raise()
-        with self._lock:
+        with self._cond:
             done, self._done = self._done, []
         if done:
             self._cache.record_blobs(done)
 
     def close(self) -> None:
         """Finish every queued blob and record it."""
-        self._queue.put(None)
+        with self._cond:
+            self._jobs.append(None)
+            self._cond.notify_all()
         self._thread.join()
         self.drain()
 
@@ -366,7 +391,7 @@ class SourceReader:
         self.counters.add(info.path, len(buf))
         if keep:
             assert self.blob_writer is not None
-            self.blob_writer.submit(_block_key(digests.blocks[block]), lambda: buf)
+            self.blob_writer.submit(_block_key(digests.blocks[block]), lambda: buf, len(buf))
         return bytes_to_tensor(buf, info.torch_dtype, shape)
 
     def _read_bytes(self, info: TensorInfo) -> tuple[bytearray, TensorDigests]:
@@ -552,8 +577,14 @@ class _Context:
             expert, base = self._reader.digests(info), self._reader.digests(self._node.base)
             key = expert_work_key(recipe, self._seed, expert.content, base.content, self.shape, blocks)
         base_tensor, dtype = self._known_stored_base(), info.torch_dtype
+        # What waits to be coded holds the expert as stored (half of float32 for 16-bit dtypes).
+        stored = SparseDelta(sparse.mask, sparse.expert.to(dtype), sparse.factor)
         assert self._reader.blob_writer is not None
-        self._reader.blob_writer.submit(key, lambda: sparse_delta.encode(sparse, base_tensor, dtype))
+        self._reader.blob_writer.submit(
+            key,
+            lambda: sparse_delta.encode(stored, base_tensor, dtype),
+            stored.mask.numel() + stored.expert.nbytes,
+        )
         return sparse
 
 

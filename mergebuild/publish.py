@@ -58,8 +58,16 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-#: Output bytes waiting for the writer thread at most (besides the tensor being written).
+#: Output bytes waiting for the writer thread at most (besides the tensor being written),
+#: unless $MERGEBUILD_WRITE_BEHIND says otherwise.
 WRITE_BEHIND_BYTES = 256 * 2**20
+
+
+def write_behind_bytes() -> int:
+    """The write-behind cap: $MERGEBUILD_WRITE_BEHIND or WRITE_BEHIND_BYTES."""
+    from mergebuild.spec import env_size
+
+    return env_size("MERGEBUILD_WRITE_BEHIND", WRITE_BEHIND_BYTES)
 
 
 class OutputWriter:

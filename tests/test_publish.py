@@ -12,8 +12,8 @@ import xxhash
 from safetensors.torch import load_file
 
 from mergebuild.catalog import BlockGrid, hash_bytes
-from mergebuild.errors import ExecutionError
-from mergebuild.publish import OutputWriter, tensor_bytes
+from mergebuild.errors import ExecutionError, InputError
+from mergebuild.publish import WRITE_BEHIND_BYTES, OutputWriter, tensor_bytes, write_behind_bytes
 from mergebuild.safetensors_io import DTYPE_NAMES, TensorInfo
 
 
@@ -82,3 +82,13 @@ def test_abort_stops_the_writer_thread(tmp_path: Path) -> None:
     name, t = list(tensors.items())[5]
     with pytest.raises(ExecutionError, match="aborted"):
         writer.write(name, t)
+
+
+def test_write_behind_cap_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MERGEBUILD_WRITE_BEHIND", raising=False)
+    assert write_behind_bytes() == WRITE_BEHIND_BYTES
+    monkeypatch.setenv("MERGEBUILD_WRITE_BEHIND", "64MiB")
+    assert write_behind_bytes() == 64 * 2**20
+    monkeypatch.setenv("MERGEBUILD_WRITE_BEHIND", "lots")
+    with pytest.raises(InputError, match="MERGEBUILD_WRITE_BEHIND"):
+        write_behind_bytes()

@@ -290,16 +290,21 @@ def della(delta: torch.Tensor, uniforms: torch.Tensor, density: float, epsilon: 
     return keep.movedim(-1, 1).reshape(delta.shape)
 
 
-def l1_factor(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
-    """The factor that gives `kept` (the masked delta) the L1 norm of `delta` (float32, 0-d);
-    None when either norm is below 1e-7 (no rescale)."""
-    # One buffer serves both |.| temporaries (same layout, so the sums reduce in the
-    # same order as delta.abs().sum()).
+def mask_in_place(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor | None:
+    """Turn `delta` into the kept delta (`delta * mask`, in place) and return, with `rescale`,
+    the factor that gives it the L1 norm the delta had (float32, 0-d; None when either norm
+    is below 1e-7: no rescale). One buffer serves both |.| temporaries: the sums reduce in
+    the same order as `delta.abs().sum()` and `(delta * mask).abs().sum()`."""
+    if not rescale:
+        delta.mul_(mask)
+        return None
     buf = torch.empty_like(delta)
     before = torch.abs(delta, out=buf).sum()
-    if kept.shape != delta.shape or kept.stride() != delta.stride() or kept.dtype != delta.dtype:
-        buf = torch.empty_like(kept)
-    after = torch.abs(kept, out=buf).sum()
+    delta.mul_(mask)
+    return _l1_ratio(before, torch.abs(delta, out=buf).sum())
+
+
+def _l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:
     if before < 1e-7 or after < 1e-7:
         return None
     return before / after

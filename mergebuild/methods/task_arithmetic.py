@@ -220,11 +220,10 @@ class TaskArithmeticFamily(Method):
             delta = model - base
             ctx.note_delta(i, delta)
             mask = self._mask(ctx, i, delta, density)
-            # kept_delta's expression with `delta` already computed: the same values, one pass less.
-            kept = delta * mask
-            factor = sparsify.l1_factor(delta, kept) if recipe["rescale"] else None
-            del delta
-            fresh.append(kept.mul_(factor) if factor is not None else kept)
+            # kept_delta's expression with `delta` already computed: the same values, one pass
+            # less, and in place.
+            factor = sparsify.mask_in_place(delta, mask, bool(recipe["rescale"]))
+            fresh.append(delta.mul_(factor) if factor is not None else delta)
             return SparseDelta(mask, model, factor)
 
         sparse = ctx.expert_work(i, recipe, compute)

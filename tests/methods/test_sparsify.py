@@ -135,10 +135,10 @@ def test_random_kept_fraction_is_close_to_density(density: float, key: int) -> N
 
 @FAST
 @given(delta=deltas, keep=st.lists(st.booleans(), min_size=120, max_size=120))
-def test_l1_factor_preserves_the_l1_norm(delta: torch.Tensor, keep: list[bool]) -> None:
+def test_rescale_preserves_the_l1_norm(delta: torch.Tensor, keep: list[bool]) -> None:
     mask = torch.tensor(keep[: delta.numel()])
     kept = delta * mask
-    out = rescaled(delta, kept)
+    out = rescaled(delta, mask)
     before, after = float(delta.abs().sum()), float(kept.abs().sum())
     if before < 1e-7 or after < 1e-7:
         assert torch.equal(out, kept)
@@ -253,10 +253,11 @@ def reference_della(
     return uniforms < probs.movedim(-1, 1).reshape(delta.shape)
 
 
-def rescaled(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """`kept` scaled by sparsify.l1_factor, as the task-arithmetic family applies it."""
-    factor = sparsify.l1_factor(delta, kept)
-    return kept if factor is None else kept * factor
+def rescaled(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`delta * mask` rescaled by sparsify.mask_in_place, as the task-arithmetic family applies it."""
+    kept = delta.clone()
+    factor = sparsify.mask_in_place(kept, mask, rescale=True)
+    return kept if factor is None else kept.mul_(factor)
 
 
 def reference_rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -408,9 +409,10 @@ def test_della_equals_the_reference(delta: torch.Tensor, seed: int, density: flo
 
 @EQUIV
 @given(delta=tied_tensors(), keep=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
-def test_l1_factor_equals_the_reference(delta: torch.Tensor, keep: float, seed: int) -> None:
-    kept = delta * (torch.rand(delta.shape, generator=torch.Generator().manual_seed(seed)) < keep)
-    out = rescaled(delta, kept)
+def test_rescale_equals_the_reference(delta: torch.Tensor, keep: float, seed: int) -> None:
+    mask = torch.rand(delta.shape, generator=torch.Generator().manual_seed(seed)) < keep
+    kept = delta * mask
+    out = rescaled(delta, mask)
     expected = reference_rescale_l1(delta, kept)
     # Bit for bit: signed zeros and the NaNs of overflowing norms included.
     assert out.dtype == expected.dtype
