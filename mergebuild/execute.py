@@ -739,9 +739,8 @@ def _allocated_runs(
     whose rows are independent: the runs of blocks [first, end) some model has."""
     if not allocation or any(blocks is None for blocks in allocation) or node.base is None:
         return None
-    shared, per_model = dict(node.shared), [dict(p) for p in node.per_model]
-    model_params = [lambda name, p=p: p[name] for p in per_model]
-    if not target.method.rows_independent(lambda name: shared[name], model_params):
+    model_params = [dict(p).__getitem__ for p in node.per_model]
+    if not target.method.rows_independent(dict(node.shared).__getitem__, model_params):
         return None
     covered = sorted({b for blocks in allocation for b in blocks})
     if len(covered) == len(reader.grid(node.base).ranges()):

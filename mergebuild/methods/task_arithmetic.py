@@ -35,6 +35,8 @@ _LAMBDA = ParamSpec("lambda", float, "method", default=1.0)
 #: Up to this many models, which models' weights a consensus keeps per element is a bit
 #: set, and the divisor comes from a table of the weight sums of all 2^K subsets.
 _MAX_BIT_MODELS = 16
+#: Elements a consensus fold clamps at a time (the size of its scratch buffer).
+_CLAMP_CHUNK = 1 << 22
 
 
 @functools.cache
@@ -67,7 +69,7 @@ class _Fold:
         self.pos_weight: torch.Tensor | None = None
         self.neg_weight: torch.Tensor | None = None
         self.flags: torch.Tensor | None = None
-        #: Where a later model's negative part is clamped to.
+        #: Where a later model's negative part is clamped to, a chunk at a time.
         self.scratch: torch.Tensor | None = None
 
     def add(self, i: int, weighted: torch.Tensor) -> None:
@@ -99,8 +101,13 @@ class _Fold:
             return
         assert self.pos is not None and self.neg is not None
         if self.scratch is None:
-            self.scratch = torch.empty_like(weighted)
-        self.neg += torch.clamp(weighted, max=0, out=self.scratch)
+            self.scratch = torch.empty(min(weighted.numel(), _CLAMP_CHUNK), dtype=weighted.dtype)
+        # Elementwise, so chunk by chunk gives the same values as one pass: the scratch is a
+        # chunk, not a second tensor of the model's size.
+        values, neg = weighted.reshape(-1), self.neg.reshape(-1)
+        for start in range(0, values.numel(), _CLAMP_CHUNK):
+            chunk = values[start : start + _CLAMP_CHUNK]
+            neg[start : start + chunk.numel()] += torch.clamp(chunk, max=0, out=self.scratch[: chunk.numel()])
         self.pos += weighted.clamp_(min=0)
 
     def _start_weights(self, like: torch.Tensor) -> None:

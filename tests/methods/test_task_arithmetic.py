@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mergebuild import rng
-from mergebuild.methods import get_method
+from mergebuild.methods import get_method, task_arithmetic
 from mergebuild.methods.base import Scalar
 from mergebuild.methods.task_arithmetic import _Fold
 
@@ -364,6 +364,26 @@ def test_consensus_weight_bit_sets_give_the_float_sums_bit_for_bit(models: int) 
     assert torch.equal(mixed_bits, mixed_float)
     assert divisor_bits is not None and divisor_float is not None
     assert torch.equal(divisor_bits.view(torch.int32), divisor_float.view(torch.int32))
+
+
+def test_consensus_sums_are_the_one_pass_sums_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(7)
+    weights = [0.7, -0.4, 1.3]
+    deltas = [torch.randn(5, 61, generator=g) for _ in weights]
+    # What the fold's sums are by definition: zeros plus each model's part, in model order.
+    total, pos, neg = (torch.zeros(5, 61) for _ in range(3))
+    for w, d in zip(weights, deltas, strict=True):
+        weighted = d * torch.tensor(w, dtype=torch.float32)
+        total += weighted
+        pos += torch.where(weighted > 0, weighted, 0.0)
+        neg += torch.where(weighted < 0, weighted, 0.0)
+    expected = torch.where(total >= 0, pos, neg)
+    monkeypatch.setattr(task_arithmetic, "_CLAMP_CHUNK", 7)  # 305 elements: 44 chunks, one partial
+    fold = _Fold(consensus=True, weights=weights, track_weights=False)
+    for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
+        fold.add(i, d * torch.tensor(w, dtype=torch.float32))
+    mixed, _ = fold.resolve(deltas[0])
+    assert torch.equal(mixed.view(torch.int32), expected.view(torch.int32))
 
 
 @pytest.mark.parametrize("method", DETERMINISTIC + RANDOM)
