@@ -210,7 +210,7 @@ _Blob = bytes | bytearray
 
 
 #: Bytes of results waiting for the blob writer at most (one result may be bigger).
-BLOB_QUEUE_BYTES = 256 * 2**20
+BLOB_QUEUE_BYTES = 64 * 2**20
 
 
 class BlobWriter:
@@ -488,6 +488,9 @@ class _Context:
         return self._base
 
     def model(self, i: int) -> torch.Tensor:
+        return self.stored_model(i).to(torch.float32)
+
+    def stored_model(self, i: int) -> torch.Tensor:
         info = self._node.models[i][1]
         blocks = self._allocation[i]
         if blocks is None and self._by_block:
@@ -496,7 +499,7 @@ class _Context:
         assert self._rows is None or blocks is not None, "a row range is read by blocks"
         if blocks is not None:
             return self._allocated(info, blocks)
-        return _finite(self._reader.read(info).to(torch.float32), info)
+        return _finite(self._reader.read(info), info)
 
     def omitted(self, i: int) -> bool:
         return self._by_block and self._allocation[i] == ()

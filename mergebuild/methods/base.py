@@ -80,6 +80,12 @@ class TensorContext(Protocol):
         owns and may overwrite."""
         ...
 
+    def stored_model(self, i: int) -> torch.Tensor:
+        """Model i's tensor in its storage dtype (float32 when a read budget assembles it
+        from blocks and base rows), read like `model`: instead of it, not besides it. For a
+        method that keeps the expert as stored and lets an op with a float32 operand promote it."""
+        ...
+
     def param(self, name: str) -> Scalar:
         """A method-wide parameter, resolved for this tensor."""
         ...

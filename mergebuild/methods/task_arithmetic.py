@@ -35,7 +35,8 @@ _LAMBDA = ParamSpec("lambda", float, "method", default=1.0)
 #: Up to this many models, which models' weights a consensus keeps per element is a bit
 #: set, and the divisor comes from a table of the weight sums of all 2^K subsets.
 _MAX_BIT_MODELS = 16
-#: Elements a consensus fold clamps at a time (the size of its scratch buffer).
+#: Elements a consensus fold clamps (and looks divisors up for) at a time: the size of its
+#: scratch buffers.
 _CLAMP_CHUNK = 1 << 22
 
 
@@ -68,6 +69,7 @@ class _Fold:
         self.neg: torch.Tensor | None = None
         self.pos_weight: torch.Tensor | None = None
         self.neg_weight: torch.Tensor | None = None
+        #: Where a model's signs are flagged, a chunk at a time.
         self.flags: torch.Tensor | None = None
         #: Where a later model's negative part is clamped to, a chunk at a time.
         self.scratch: torch.Tensor | None = None
@@ -88,10 +90,7 @@ class _Fold:
             assert self.total is not None
             self.total += weighted
         if self.track_weights:
-            assert self.pos_weight is not None and self.neg_weight is not None and self.flags is not None
-            alpha = (1 << i) if self.use_bits else float(self.weights[i])
-            self.pos_weight.add_(torch.gt(weighted, 0, out=self.flags), alpha=alpha)
-            self.neg_weight.add_(torch.lt(weighted, 0, out=self.flags), alpha=alpha)
+            self._track(i, weighted)
         if not self.consensus:
             return
         # clamp keeps a value or gives +0, as where(sign, value, 0) would: same sums, fewer passes.
@@ -114,7 +113,20 @@ class _Fold:
         dtype = torch.float32 if not self.use_bits else torch.uint8 if len(self.weights) <= 8 else torch.int32
         self.pos_weight = torch.zeros_like(like, dtype=dtype)
         self.neg_weight = torch.zeros_like(like, dtype=dtype)
-        self.flags = torch.empty(like.shape, dtype=torch.bool)
+        self.flags = torch.empty(min(like.numel(), _CLAMP_CHUNK), dtype=torch.bool)
+
+    def _track(self, i: int, weighted: torch.Tensor) -> None:
+        """Add model i's weight (or bit) where its weighted delta is positive, or negative, a
+        chunk at a time (the flags are a chunk's)."""
+        assert self.pos_weight is not None and self.neg_weight is not None and self.flags is not None
+        alpha = (1 << i) if self.use_bits else float(self.weights[i])
+        values = weighted.reshape(-1)
+        pos_weight, neg_weight = self.pos_weight.reshape(-1), self.neg_weight.reshape(-1)
+        for start in range(0, values.numel(), _CLAMP_CHUNK):
+            chunk = values[start : start + _CLAMP_CHUNK]
+            stop, flags = start + chunk.numel(), self.flags[: chunk.numel()]
+            pos_weight[start:stop].add_(torch.gt(chunk, 0, out=flags), alpha=alpha)
+            neg_weight[start:stop].add_(torch.lt(chunk, 0, out=flags), alpha=alpha)
 
     def resolve(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mixed delta, and (with consensus and tracked weights) the summed weights of
@@ -125,17 +137,28 @@ class _Fold:
         if not self.consensus:
             return self.total, None
         assert self.pos is not None and self.neg is not None
-        elected_positive = self.total >= 0
-        mixed = torch.where(elected_positive, self.pos, self.neg)
+        # The result is written over the sums it is picked from (elementwise, so each element
+        # is read before it is written): no tensor of the model's size is allocated here.
+        elected_positive = torch.ge(self.total, 0)
+        self.total = None
+        mixed = torch.where(elected_positive, self.pos, self.neg, out=self.pos)
         if not self.track_weights:
             return mixed, None
         assert self.pos_weight is not None and self.neg_weight is not None
-        chosen = torch.where(elected_positive, self.pos_weight, self.neg_weight)
+        chosen = torch.where(elected_positive, self.pos_weight, self.neg_weight, out=self.pos_weight)
+        del elected_positive
         if not self.use_bits:
-            return mixed, torch.where(chosen == 0, torch.ones_like(chosen), chosen)
-        # numpy's take indexes with the bit sets as they are (torch wants int64 indices).
-        divisors = self._subset_sums().numpy()
-        return mixed, torch.from_numpy(np.take(divisors, chosen.reshape(-1).numpy())).reshape(chosen.shape)
+            return mixed, chosen.masked_fill_(chosen == 0, 1.0)
+        # The divisors go where the negative sums were; numpy's take indexes with the bit sets
+        # as they are, a chunk at a time (it converts the indices to int64 first). Every bit
+        # set is an index of the table, so "clip" clips nothing; unlike "raise", it does not
+        # copy `out`.
+        table = self._subset_sums().numpy()
+        bits, divisors = chosen.reshape(-1).numpy(), self.neg.reshape(-1).numpy()
+        for start in range(0, bits.size, _CLAMP_CHUNK):
+            stop = start + _CLAMP_CHUNK
+            np.take(table, bits[start:stop], out=divisors[start:stop], mode="clip")
+        return mixed, self.neg
 
     def _subset_sums(self) -> torch.Tensor:
         """Entry b: the float32 sum, in model order, of the weights of the models in bit
@@ -215,15 +238,17 @@ class TaskArithmeticFamily(Method):
         """Model i's delta, sparsified (and L1-rescaled) when the method says so, times its
         weight (float32, 0-d): a new tensor the caller owns."""
         recipe = self.expert_recipe(ctx.param, lambda name: ctx.model_param(i, name))
+        # `expert - base` promotes a 16-bit expert to float32 exactly: the values of
+        # `expert.float() - base`, in one pass and without a float32 copy of the expert.
         if recipe is None or base.numel() == 0:
-            delta = ctx.model(i).sub_(base)
+            delta = ctx.stored_model(i) - base
             ctx.note_delta(i, delta)
             return delta.mul_(weight)
         density = float(recipe["density"])
         fresh: list[torch.Tensor] = []
 
         def compute() -> SparseDelta:
-            model = ctx.model(i)
+            model = ctx.stored_model(i)
             delta = model - base
             ctx.note_delta(i, delta)
             mask = self._mask(ctx, i, delta, density)

@@ -68,10 +68,10 @@ class FakeContext:
         for tensor in self._models:
             assert tuple(tensor.shape) == self.shape
 
-    def _read(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _read(self, key: str, tensor: torch.Tensor, stored: bool = False) -> torch.Tensor:
         self.reads[key] += 1
         assert self.reads[key] == 1, f"{key} read twice"
-        return tensor.to(torch.float32).clone()
+        return tensor.clone() if stored else tensor.to(torch.float32).clone()
 
     def base(self) -> torch.Tensor:
         assert self._base is not None, "base() without a base"
@@ -79,6 +79,9 @@ class FakeContext:
 
     def model(self, i: int) -> torch.Tensor:
         return self._read(f"model{i}", self._models[i])
+
+    def stored_model(self, i: int) -> torch.Tensor:
+        return self._read(f"model{i}", self._models[i], stored=True)
 
     def param(self, name: str) -> Scalar:
         spec = self.method.param_spec(name)
