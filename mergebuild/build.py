@@ -12,12 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from mergebuild import freshness, lockfile
 from mergebuild import spec as spec_module
 from mergebuild.cache import Cache, Result, exclusive
 from mergebuild.catalog import FileStat
 from mergebuild.errors import ExecutionError, InputError, LockMismatch, SpecError
-from mergebuild.execute import ExecutionReport, SourceReader, execute, index_target
+from mergebuild.execute import ExecutionReport, SourceReader, compute_device, execute, index_target
 from mergebuild.graph import CompiledTarget, compile_target
 from mergebuild.plan import TargetPlan, plan_target
 from mergebuild.publish import (
@@ -47,6 +49,10 @@ class BuildOptions:
     allow_pickle: bool = False
     #: Told when the build has to wait for another build of the same spec.
     on_wait: Callable[[str], None] | None = None
+    #: Where the arithmetic runs: "cpu", "cuda" or "cuda:N" (reads and writes stay on the host).
+    device: str = "cpu"
+    #: Threads torch's CPU arithmetic uses (None: torch's default, one per core).
+    jobs: int | None = None
 
 
 def load_spec(path: Path, args: JsonnetArgs) -> Spec:
@@ -83,6 +89,11 @@ def _opener(options: BuildOptions) -> Callable[[Path], ModelSource]:
 def build(spec_path: Path, options: BuildOptions) -> BuildSummary:
     """Build the spec's targets (or one), publish each output, write the lockfile."""
     started = time.perf_counter()
+    compute_device(options.device)  # an unusable device is refused before any work
+    if options.jobs is not None:
+        if options.jobs < 1:
+            raise InputError(f"--jobs must be at least 1, got {options.jobs}")
+        torch.set_num_threads(options.jobs)
     spec = load_spec(spec_path, options.jsonnet)
     lock_file = lockfile.lock_path(spec.path)
     if options.dry_run:
@@ -126,7 +137,7 @@ def _build(spec: Spec, options: BuildOptions, lock_file: Path, started: float) -
             reader = SourceReader(cache, target.spec.block_size)
             try:
                 target_summary, entry, sources = _build_target(
-                    spec, target, target_plan, reader, options.force, check
+                    spec, target, target_plan, reader, options.force, check, compute_device(options.device)
                 )
             except (OSError, sqlite3.OperationalError) as e:
                 # A full disk or an unwritable cache: nothing was published (staging is discarded).
@@ -192,6 +203,7 @@ def _build_target(
     reader: SourceReader,
     force: bool,
     check: Callable[[dict, dict[str, dict]], None] | None,
+    device: torch.device,
 ) -> tuple[TargetSummary, dict, dict[str, dict]]:
     """Execute into a staging directory; `check` may veto before anything is published."""
     check_output_path(target.output, force)
@@ -208,7 +220,7 @@ def _build_target(
             queue_bytes=write_behind_bytes(),
         )
         try:
-            report: ExecutionReport = execute(target, target_plan, reader, writer.write)
+            report: ExecutionReport = execute(target, target_plan, reader, writer.write, device=device)
             files = writer.finish()
         except BaseException:
             writer.abort()

@@ -163,6 +163,17 @@ def build_command(
             help="Load .bin/.pt checkpoints with torch's weights-only unpickler (converted once, cached).",
         ),
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="Where the arithmetic runs: cpu, cuda or cuda:N (reads and writes stay on the host).",
+        ),
+    ] = "cpu",
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", min=1, help="Threads for CPU arithmetic (default: one per core)."),
+    ] = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
     tla_str: TlaStr = [],  # noqa: B006 - typer reads the default
@@ -188,6 +199,8 @@ def build_command(
             jsonnet=jsonnet,
             allow_pickle=allow_pickle,
             on_wait=lambda message: err.print(message, highlight=False),
+            device=device,
+            jobs=jobs,
         )
         summary = build(spec, options)
     if as_json:

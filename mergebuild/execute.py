@@ -38,6 +38,8 @@ from mergebuild.plan import HOLD_BYTES, Blocks, NodePlan, TargetPlan
 from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor, read_bytes
 from mergebuild.tensor_checks import all_finite
 
+_CPU = torch.device("cpu")
+
 #: Read-ahead kept in memory at most (tensors for the nodes after the current one), unless
 #: $MERGEBUILD_READ_AHEAD says otherwise (e.g. '1GiB'): about half a second of disk.
 READ_AHEAD_BYTES = 256 * 2**20
@@ -48,6 +50,25 @@ def read_ahead_bytes() -> int:
     from mergebuild.spec import env_size
 
     return env_size("MERGEBUILD_READ_AHEAD", READ_AHEAD_BYTES)
+
+
+def compute_device(name: str) -> torch.device:
+    """The torch device a build computes on: "cpu", or "cuda" / "cuda:N" where torch sees
+    that GPU (InputError otherwise: asking for a GPU the machine lacks is a usage error)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise InputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {name}: torch {torch.__version__} sees no CUDA device on this machine")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
 
 
 @dataclass
@@ -459,8 +480,11 @@ class _Context:
         with_stats: bool,
         rows: tuple[int, int] | None = None,
         stored_base: torch.Tensor | None = None,
+        device: torch.device = _CPU,
     ) -> None:
         self.name = node.name
+        #: Where the method's arithmetic runs: inputs are handed over there.
+        self.device = device
         #: With `rows`, the context is that row range of the tensor (the rest is not computed).
         self._rows = rows
         self.shape = node.shape if rows is None else (rows[1] - rows[0], *node.shape[1:])
@@ -484,7 +508,7 @@ class _Context:
         if self._stored_base is None:
             self._stored_base = self._reader.read(self._node.base)
         stored = self._stored_base if self._rows is None else self._stored_base[slice(*self._rows)]
-        self._base = _finite(stored.to(torch.float32), self._node.base)
+        self._base = _finite(_to_device(stored, self.device).to(torch.float32), self._node.base)
         return self._base
 
     def model(self, i: int) -> torch.Tensor:
@@ -499,7 +523,7 @@ class _Context:
         assert self._rows is None or blocks is not None, "a row range is read by blocks"
         if blocks is not None:
             return self._allocated(info, blocks)
-        return _finite(self._reader.read(info), info)
+        return _finite(_to_device(self._reader.read(info), self.device), info)
 
     def omitted(self, i: int) -> bool:
         return self._by_block and self._allocation[i] == ()
@@ -529,7 +553,7 @@ class _Context:
         rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() else tensor.reshape(1, 1)
         for b in blocks:
             start, end = ranges[b]
-            block = _finite(self._reader.read_block(info, b, keep=True), info)
+            block = _finite(_to_device(self._reader.read_block(info, b, keep=True), self.device), info)
             rows[start - first : end - first].copy_(block.reshape(end - start, -1))
         return tensor
 
@@ -540,10 +564,11 @@ class _Context:
         return self._per_model[i][name]
 
     def uniform(self, i: int) -> torch.Tensor:
-        return rng.uniform(self._stream(i), *self._flat_range()).reshape(self.shape)
+        return _to_device(rng.uniform(self._stream(i), *self._flat_range()).reshape(self.shape), self.device)
 
     def keep_mask(self, i: int, density: float) -> torch.Tensor:
-        return rng.keep_mask(self._stream(i), *self._flat_range(), density).reshape(self.shape)
+        mask = rng.keep_mask(self._stream(i), *self._flat_range(), density).reshape(self.shape)
+        return _to_device(mask, self.device)
 
     def _flat_range(self) -> tuple[int, int]:
         """(first flat index, count) of the elements this context covers."""
@@ -573,15 +598,22 @@ class _Context:
             data = cache.read(cached) if cached is not None else None
             if data is not None:
                 self._report.expert_work_reused += 1
-                return sparse_delta.decode(data, self._known_stored_base())
+                cached_delta = sparse_delta.decode(data, self._known_stored_base())
+                return SparseDelta(
+                    _to_device(cached_delta.mask, self.device),
+                    _to_device(cached_delta.expert, self.device),
+                    cached_delta.factor,
+                )
         sparse = compute()
         self._report.expert_work_computed += 1
         if key is None:
             expert, base = self._reader.digests(info), self._reader.digests(self._node.base)
             key = expert_work_key(recipe, self._seed, expert.content, base.content, self.shape, blocks)
         base_tensor, dtype = self._known_stored_base(), info.torch_dtype
-        # What waits to be coded holds the expert as stored (half of float32 for 16-bit dtypes).
-        stored = SparseDelta(sparse.mask, sparse.expert.to(dtype), sparse.factor)
+        # What waits to be coded holds the expert as stored (half of float32 for 16-bit dtypes),
+        # in host memory: the blob writer codes it with numpy.
+        factor = sparse.factor.cpu() if sparse.factor is not None else None
+        stored = SparseDelta(sparse.mask.cpu(), sparse.expert.to(device=_CPU, dtype=dtype), factor)
         assert self._reader.blob_writer is not None
         self._reader.blob_writer.submit(
             key,
@@ -597,8 +629,10 @@ def execute(
     reader: SourceReader,
     write: Callable[[str, torch.Tensor], TensorDigests],
     on_tensor: Callable[[TensorNode], None] | None = None,
+    device: torch.device = _CPU,
 ) -> ExecutionReport:
-    """Build every node of `target` in order (with `plan`'s allocation), passing each result to `write`."""
+    """Build every node of `target` in order (with `plan`'s allocation), passing each result to
+    `write` (in host memory); methods compute on `device`."""
     report = ExecutionReport()
     started = time.perf_counter()
     blocks_seen: set[bytes] = set()
@@ -609,7 +643,7 @@ def execute(
     reader.blob_writer = BlobWriter(reader.cache)
     failed = True
     try:
-        _execute_nodes(target, plan, reader, write, on_tensor, report)
+        _execute_nodes(target, plan, reader, write, on_tensor, report, device)
         failed = False
     finally:
         try:
@@ -658,6 +692,7 @@ def _execute_nodes(
     write: Callable[[str, torch.Tensor], TensorDigests],
     on_tensor: Callable[[TensorNode], None] | None,
     report: ExecutionReport,
+    device: torch.device,
 ) -> None:
     seed = target.spec.seed
     for index, (node, node_plan) in enumerate(zip(target.nodes, plan.nodes, strict=True)):
@@ -667,7 +702,7 @@ def _execute_nodes(
         tensor = _from_cache(node, reader.cache, early_key) if early_key is not None else None
         outcome: Outcome = "reused"
         if tensor is None:
-            tensor = _compute(node, target, reader, report, allocation)
+            tensor = _compute(node, target, reader, report, allocation, device)
             outcome = "copied" if node.action == "copy" else "computed"
         reader.release()
         record = node_record(node, target.method, seed, _input_digests(node, reader), allocation)
@@ -715,6 +750,7 @@ def _compute(
     reader: SourceReader,
     report: ExecutionReport,
     allocation: tuple[Blocks, ...],
+    device: torch.device,
 ) -> torch.Tensor:
     # Under a budget, a tensor with no expert block taken has a zero delta: it is the base.
     if node.action == "copy" or (allocation and all(blocks == () for blocks in allocation)):
@@ -723,9 +759,9 @@ def _compute(
         return tensor.to(node.dtype) if node.dtype != tensor.dtype else tensor
     runs = _allocated_runs(node, target, reader, allocation)
     if runs is not None:
-        return _compute_runs(node, target, reader, report, allocation, runs)
-    ctx = _Context(node, reader, target.spec.seed, report, allocation, target.method.budgeted)
-    return _merged(target, ctx).to(node.dtype)
+        return _compute_runs(node, target, reader, report, allocation, runs, device)
+    ctx = _Context(node, reader, target.spec.seed, report, allocation, target.method.budgeted, device=device)
+    return _merged(target, ctx).to(device=_CPU, dtype=node.dtype)
 
 
 def _merged(target: CompiledTarget, ctx: _Context) -> torch.Tensor:
@@ -764,6 +800,7 @@ def _compute_runs(
     report: ExecutionReport,
     allocation: tuple[Blocks, ...],
     runs: list[tuple[int, int]],
+    device: torch.device,
 ) -> torch.Tensor:
     """The tensor merged only on the rows of `runs` (blocks some model has): elsewhere every
     delta is zero by the budget, and the result is the base's bits."""
@@ -777,10 +814,24 @@ def _compute_runs(
         rows = (ranges[first][0], ranges[end - 1][1])
         in_run = tuple(tuple(b for b in blocks or () if first <= b < end) for blocks in allocation)
         ctx = _Context(
-            node, reader, target.spec.seed, report, in_run, False, rows=rows, stored_base=stored_base
+            node,
+            reader,
+            target.spec.seed,
+            report,
+            in_run,
+            False,
+            rows=rows,
+            stored_base=stored_base,
+            device=device,
         )
-        out_rows[rows[0] : rows[1]] = _merged(target, ctx).to(node.dtype).reshape(rows[1] - rows[0], -1)
+        run_rows = _merged(target, ctx).to(device=_CPU, dtype=node.dtype)
+        out_rows[rows[0] : rows[1]] = run_rows.reshape(rows[1] - rows[0], -1)
     return merged
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` (itself, not a copy, when it is already there)."""
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 def _finite(tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:

@@ -100,7 +100,9 @@ class _Fold:
             return
         assert self.pos is not None and self.neg is not None
         if self.scratch is None:
-            self.scratch = torch.empty(min(weighted.numel(), _CLAMP_CHUNK), dtype=weighted.dtype)
+            self.scratch = torch.empty(
+                min(weighted.numel(), _CLAMP_CHUNK), dtype=weighted.dtype, device=weighted.device
+            )
         # Elementwise, so chunk by chunk gives the same values as one pass: the scratch is a
         # chunk, not a second tensor of the model's size.
         values, neg = weighted.reshape(-1), self.neg.reshape(-1)
@@ -113,7 +115,7 @@ class _Fold:
         dtype = torch.float32 if not self.use_bits else torch.uint8 if len(self.weights) <= 8 else torch.int32
         self.pos_weight = torch.zeros_like(like, dtype=dtype)
         self.neg_weight = torch.zeros_like(like, dtype=dtype)
-        self.flags = torch.empty(min(like.numel(), _CLAMP_CHUNK), dtype=torch.bool)
+        self.flags = torch.empty(min(like.numel(), _CLAMP_CHUNK), dtype=torch.bool, device=like.device)
 
     def _track(self, i: int, weighted: torch.Tensor) -> None:
         """Add model i's weight (or bit) where its weighted delta is positive, or negative, a
@@ -152,12 +154,17 @@ class _Fold:
         # The divisors go where the negative sums were; numpy's take indexes with the bit sets
         # as they are, a chunk at a time (it converts the indices to int64 first). Every bit
         # set is an index of the table, so "clip" clips nothing; unlike "raise", it does not
-        # copy `out`.
-        table = self._subset_sums().numpy()
-        bits, divisors = chosen.reshape(-1).numpy(), self.neg.reshape(-1).numpy()
-        for start in range(0, bits.size, _CLAMP_CHUNK):
+        # copy `out`. A GPU's bit sets index with index_select (int64 indices, a chunk at a time).
+        table, bits, divisors = self._subset_sums(), chosen.reshape(-1), self.neg.reshape(-1)
+        on_host = bits.device.type == "cpu"
+        table = table if on_host else table.to(bits.device)
+        for start in range(0, bits.numel(), _CLAMP_CHUNK):
             stop = start + _CLAMP_CHUNK
-            np.take(table, bits[start:stop], out=divisors[start:stop], mode="clip")
+            if on_host:
+                out = divisors[start:stop].numpy()
+                np.take(table.numpy(), bits[start:stop].numpy(), out=out, mode="clip")
+            else:
+                torch.index_select(table, 0, bits[start:stop].long(), out=divisors[start:stop])
         return mixed, self.neg
 
     def _subset_sums(self) -> torch.Tensor:
