@@ -217,13 +217,13 @@ def test_failed_build_publishes_nothing(
     spec = write_spec(tmp_path / "s.json", ties_spec(llama, tmp_path / "out"))
     real = build_module.execute
 
-    def failing(target, plan, reader, write, on_tensor=None):  # type: ignore[no-untyped-def]
+    def failing(target, plan, reader, write, on_tensor=None, **kwargs):  # type: ignore[no-untyped-def]
         def write_then_fail(name: str, tensor: torch.Tensor):  # type: ignore[no-untyped-def]
             if name.startswith("model.layers.2"):
                 raise OSError(28, "No space left on device")
             return write(name, tensor)
 
-        return real(target, plan, reader, write_then_fail, on_tensor)
+        return real(target, plan, reader, write_then_fail, on_tensor, **kwargs)
 
     monkeypatch.setattr(build_module, "execute", failing)
     with pytest.raises(ExecutionError, match="No space left on device"):

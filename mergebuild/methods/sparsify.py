@@ -24,6 +24,7 @@ sort runs, and the input is read three times.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -266,7 +267,20 @@ def della(delta: torch.Tensor, uniforms: torch.Tensor, density: float, epsilon: 
     Tied magnitudes rank by position in the row.
     """
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
-    if delta.dtype in _KEYED_DTYPES:
+    u = uniforms.reshape(rows.shape)
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
+    # Rows are independent: slices of the leading dimension of about `_BLOCK` elements at a
+    # time keep the sort's int64 temporaries (and float64 probabilities) a slice's size.
+    step = max(1, _BLOCK // max(1, math.prod(rows.shape[1:])))
+    for start in range(0, rows.shape[0], step):
+        stop = start + step
+        keep[start:stop] = _della_rows(rows[start:stop], u[start:stop], density, epsilon)
+    return keep.reshape(delta.shape)
+
+
+def _della_rows(rows: torch.Tensor, u: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """della's mask of `rows` (at least 2-D, rows along dimension 1) given its uniforms `u`."""
+    if rows.dtype in _KEYED_DTYPES:
         # The int32 keys of |delta| sort faster than the floats, in the same order.
         flat = rows.reshape(-1).to(torch.float32)
         keys = flat.view(torch.int32).bitwise_and(0x7FFFFFFF).view(rows.shape).movedim(1, -1)
@@ -274,20 +288,17 @@ def della(delta: torch.Tensor, uniforms: torch.Tensor, density: float, epsilon: 
         del flat, keys
     else:
         order = torch.argsort(rows.abs().movedim(1, -1), dim=-1, stable=True)
-    del rows
     length = order.shape[-1]
     # Keep probability by rank (the same float64 arithmetic as per element).
     if length > 1:
-        rank_norm = torch.arange(length, dtype=torch.float64, device=delta.device) / (length - 1)
+        rank_norm = torch.arange(length, dtype=torch.float64, device=rows.device) / (length - 1)
     else:
-        rank_norm = torch.full((1,), 0.5, dtype=torch.float64, device=delta.device)
+        rank_norm = torch.full((1,), 0.5, dtype=torch.float64, device=rows.device)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(length, device=delta.device).expand_as(order))
+    ranks.scatter_(-1, order, torch.arange(length, device=rows.device).expand_as(order))
     del order
-    u = uniforms.reshape(delta.shape) if delta.dim() >= 2 else uniforms.reshape(1, -1)
-    keep = u.movedim(1, -1) < probs[ranks]
-    return keep.movedim(-1, 1).reshape(delta.shape)
+    return (u.movedim(1, -1) < probs[ranks]).movedim(-1, 1)
 
 
 def mask_in_place(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor | None:

@@ -393,6 +393,17 @@ def test_large_tensor_with_heavy_ties_spanning_blocks() -> None:
         )
 
 
+@pytest.mark.parametrize("shape", [(700, 3000), (9, 4000, 300), (5, 1 << 21)])
+def test_della_over_slices_of_rows_equals_the_reference(shape: tuple[int, ...]) -> None:
+    # Big enough that della works through several slices of rows (or, with rows longer
+    # than a slice, one row at a time), with bf16 ties.
+    g = torch.Generator().manual_seed(11)
+    delta = (torch.randn(shape, generator=g) * 0.001).to(torch.bfloat16).float()
+    uniforms = torch.rand(shape, dtype=torch.float64, generator=g)
+    mask = sparsify.della(delta, uniforms, 0.5, 0.1)
+    assert torch.equal(mask, reference_della(delta, uniforms, 0.5, 0.1))
+
+
 @EQUIV
 @given(
     delta=tied_tensors((torch.float32, torch.bfloat16, torch.float64)),
