@@ -428,3 +428,13 @@ def test_rescale_equals_the_reference(delta: torch.Tensor, keep: float, seed: in
     # Bit for bit: signed zeros and the NaNs of overflowing norms included.
     assert out.dtype == expected.dtype
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (4, 2), (50, 1537), (6, 7, 300)])
+def test_stable_order_is_torchs_stable_argsort(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randint(0, 5, shape, generator=g, dtype=torch.int32) * 0x7FFF  # heavy ties
+    keys[..., 0] = 0x7FFFFFFF  # the largest key
+    moved = keys.movedim(1, -1) if keys.dim() > 2 else keys
+    expected = torch.sort(moved, dim=-1, stable=True).indices
+    assert torch.equal(sparsify._stable_order(moved), expected)
