@@ -89,7 +89,7 @@ def _opener(options: BuildOptions) -> Callable[[Path], ModelSource]:
 def build(spec_path: Path, options: BuildOptions) -> BuildSummary:
     """Build the spec's targets (or one), publish each output, write the lockfile."""
     started = time.perf_counter()
-    compute_device(options.device)  # an unusable device is refused before any work
+    device = compute_device(options.device)  # an unusable device is refused before any work
     if options.jobs is not None:
         if options.jobs < 1:
             raise InputError(f"--jobs must be at least 1, got {options.jobs}")
@@ -97,12 +97,14 @@ def build(spec_path: Path, options: BuildOptions) -> BuildSummary:
     spec = load_spec(spec_path, options.jsonnet)
     lock_file = lockfile.lock_path(spec.path)
     if options.dry_run:
-        return _build(spec, options, lock_file, started)
+        return _build(spec, options, device, lock_file, started)
     with exclusive(options.cache_dir, str(spec.path), options.on_wait):
-        return _build(spec, options, lock_file, started)
+        return _build(spec, options, device, lock_file, started)
 
 
-def _build(spec: Spec, options: BuildOptions, lock_file: Path, started: float) -> BuildSummary:
+def _build(
+    spec: Spec, options: BuildOptions, device: torch.device, lock_file: Path, started: float
+) -> BuildSummary:
     previous = lockfile.read_lock(lock_file)
     if options.locked:
         _check_locked_spec(spec, previous, lock_file)
@@ -137,7 +139,7 @@ def _build(spec: Spec, options: BuildOptions, lock_file: Path, started: float) -
             reader = SourceReader(cache, target.spec.block_size)
             try:
                 target_summary, entry, sources = _build_target(
-                    spec, target, target_plan, reader, options.force, check, compute_device(options.device)
+                    spec, target, target_plan, reader, options.force, check, device
                 )
             except (OSError, sqlite3.OperationalError) as e:
                 # A full disk or an unwritable cache: nothing was published (staging is discarded).
