@@ -13,7 +13,7 @@ time into a handful of accumulators, and the consensus is resolved at the end
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ClassVar, Literal
 
@@ -38,6 +38,12 @@ _MAX_BIT_MODELS = 16
 #: Elements a consensus fold clamps (and looks divisors up for) at a time: the size of its
 #: scratch buffers.
 _CLAMP_CHUNK = 1 << 22
+
+
+def _chunks(numel: int) -> Iterator[slice]:
+    """Consecutive slices of `_CLAMP_CHUNK` elements (the last one shorter) covering `numel`."""
+    for start in range(0, numel, _CLAMP_CHUNK):
+        yield slice(start, min(start + _CLAMP_CHUNK, numel))
 
 
 @functools.cache
@@ -106,9 +112,9 @@ class _Fold:
         # Elementwise, so chunk by chunk gives the same values as one pass: the scratch is a
         # chunk, not a second tensor of the model's size.
         values, neg = weighted.reshape(-1), self.neg.reshape(-1)
-        for start in range(0, values.numel(), _CLAMP_CHUNK):
-            chunk = values[start : start + _CLAMP_CHUNK]
-            neg[start : start + chunk.numel()] += torch.clamp(chunk, max=0, out=self.scratch[: chunk.numel()])
+        for part in _chunks(values.numel()):
+            chunk = values[part]
+            neg[part] += torch.clamp(chunk, max=0, out=self.scratch[: chunk.numel()])
         self.pos += weighted.clamp_(min=0)
 
     def _start_weights(self, like: torch.Tensor) -> None:
@@ -124,11 +130,11 @@ class _Fold:
         alpha = (1 << i) if self.use_bits else float(self.weights[i])
         values = weighted.reshape(-1)
         pos_weight, neg_weight = self.pos_weight.reshape(-1), self.neg_weight.reshape(-1)
-        for start in range(0, values.numel(), _CLAMP_CHUNK):
-            chunk = values[start : start + _CLAMP_CHUNK]
-            stop, flags = start + chunk.numel(), self.flags[: chunk.numel()]
-            pos_weight[start:stop].add_(torch.gt(chunk, 0, out=flags), alpha=alpha)
-            neg_weight[start:stop].add_(torch.lt(chunk, 0, out=flags), alpha=alpha)
+        for part in _chunks(values.numel()):
+            chunk = values[part]
+            flags = self.flags[: chunk.numel()]
+            pos_weight[part].add_(torch.gt(chunk, 0, out=flags), alpha=alpha)
+            neg_weight[part].add_(torch.lt(chunk, 0, out=flags), alpha=alpha)
 
     def resolve(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mixed delta, and (with consensus and tracked weights) the summed weights of
@@ -158,13 +164,11 @@ class _Fold:
         table, bits, divisors = self._subset_sums(), chosen.reshape(-1), self.neg.reshape(-1)
         on_host = bits.device.type == "cpu"
         table = table if on_host else table.to(bits.device)
-        for start in range(0, bits.numel(), _CLAMP_CHUNK):
-            stop = start + _CLAMP_CHUNK
+        for part in _chunks(bits.numel()):
             if on_host:
-                out = divisors[start:stop].numpy()
-                np.take(table.numpy(), bits[start:stop].numpy(), out=out, mode="clip")
+                np.take(table.numpy(), bits[part].numpy(), out=divisors[part].numpy(), mode="clip")
             else:
-                torch.index_select(table, 0, bits[start:stop].long(), out=divisors[start:stop])
+                torch.index_select(table, 0, bits[part].long(), out=divisors[part])
         return mixed, self.neg
 
     def _subset_sums(self) -> torch.Tensor:
