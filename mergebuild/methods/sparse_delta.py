@@ -24,9 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mergebuild.methods import sparsify
 from mergebuild.safetensors_io import DTYPE_NAMES, DTYPES
 
 _MAGIC = b"MBSD3\n"
+#: Elements `difference` subtracts at a time.
+_DIFFERENCE_CHUNK = 1 << 20
+#: Elements `encode` codes at a time (a multiple of 8, for the packed mask).
+_ENCODE_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,32 @@ class SparseDelta:
         return kept_delta(self.mask, self.expert, base, self.factor)
 
 
+def difference(expert: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`expert - base` in float32 (`base` is float32), into `out` when given.
+
+    A 16-bit expert is promoted exactly, as `expert.float() - base` would, but
+    `expert - base` in one call converts the whole expert to a float32
+    temporary first: this subtracts `_DIFFERENCE_CHUNK` elements at a time, so
+    the temporary is a chunk's size.
+    """
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None else out
+    flat_expert, flat_base, flat_out = expert.reshape(-1), base.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_out.numel(), _DIFFERENCE_CHUNK):
+        part = slice(start, start + _DIFFERENCE_CHUNK)
+        torch.sub(flat_expert[part], flat_base[part], out=flat_out[part])
+    return out
+
+
 def kept_delta(
-    mask: torch.Tensor, expert: torch.Tensor, base: torch.Tensor, factor: torch.Tensor | None
+    mask: torch.Tensor,
+    expert: torch.Tensor,
+    base: torch.Tensor,
+    factor: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(expert - base) * mask, times the rescale factor: the one expression both paths use
-    (`expert - base` is computed in float32 whatever the expert's dtype: the same values)."""
-    kept = (expert - base).mul_(mask)
+    """(expert - base) * mask, times the rescale factor, into `out` when given: the one
+    expression both paths use, elementwise, so the bits of a chunk are the whole tensor's."""
+    kept = sparsify.keep_in_place(difference(expert, base, out), mask)
     return kept.mul_(factor) if factor is not None else kept
 
 
@@ -63,30 +88,39 @@ def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> bytes
     is the base the mask was made with (any dtype; it is converted to `dtype`
     unless it already is), and `decode` needs the same one. Every step is one
     vectorized pass: no entropy coder, which cost more CPU time than the merge
-    itself for the saving of about a tenth of the blob.
+    itself for the saving of about a tenth of the blob. The passes run a chunk
+    of `_ENCODE_CHUNK` elements at a time, so the temporaries are a chunk's
+    size, and the pieces are joined once, into the blob.
     """
     mask = sparse.mask.reshape(-1).numpy()
-    sections = [np.packbits(mask).tobytes()]
-    values = sparse.expert.reshape(-1).to(dtype)
-    if dtype.itemsize == 2:
-        bits = np.compress(mask, values.view(torch.int16).numpy())
-        base_bits = np.compress(mask, _bits(base, dtype))
-        diff = bits - base_bits  # wraps: decode wraps back
-        small = (diff >= -127) & (diff <= 127)
-        codes = np.where(small, diff, _ESCAPE).astype(np.int8)
-        sections += [codes.tobytes(), bits[~small].tobytes()]
-    else:
-        rows = values.view(torch.uint8).reshape(-1, dtype.itemsize).numpy()
-        sections.append(np.compress(mask, rows, axis=0).tobytes())
+    values, base_values = sparse.expert.reshape(-1), base.reshape(-1)
+    # Per section, its pieces in element order (each chunk's pieces follow the previous
+    # chunk's; a chunk holds a multiple of 8 elements, so the packed mask's pieces do too).
+    sections: list[list[np.ndarray]] = [[], [], []] if dtype.itemsize == 2 else [[], []]
+    for start in range(0, mask.size, _ENCODE_CHUNK):
+        part = slice(start, start + _ENCODE_CHUNK)
+        kept = mask[part]
+        sections[0].append(np.packbits(kept))
+        chunk = values[part].to(dtype)
+        if dtype.itemsize == 2:
+            bits = np.compress(kept, chunk.view(torch.int16).numpy())
+            diff = bits - np.compress(kept, _bits(base_values[part], dtype))  # wraps: decode wraps back
+            small = (diff >= -127) & (diff <= 127)
+            sections[1].append(np.where(small, diff, _ESCAPE).astype(np.int8))
+            sections[2].append(bits[~small])
+        else:
+            rows = chunk.view(torch.uint8).reshape(-1, dtype.itemsize).numpy()
+            sections[1].append(np.compress(kept, rows, axis=0))
     header = {
         "shape": list(sparse.mask.shape),
         "count": int(np.count_nonzero(mask)),
         "dtype": DTYPE_NAMES[dtype],
         "factor": None if sparse.factor is None else struct.pack("<f", float(sparse.factor)).hex(),
-        "sections": [len(section) for section in sections],
+        "sections": [sum(piece.nbytes for piece in pieces) for pieces in sections],
     }
     raw_header = json.dumps(header, sort_keys=True).encode()
-    return b"".join((_MAGIC, struct.pack("<Q", len(raw_header)), raw_header, *sections))
+    pieces = [piece for pieces in sections for piece in pieces]
+    return b"".join((_MAGIC, struct.pack("<Q", len(raw_header)), raw_header, *pieces))
 
 
 def decode(data: bytes, base: torch.Tensor) -> SparseDelta:

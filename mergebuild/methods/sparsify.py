@@ -318,17 +318,24 @@ def _stable_order(keys: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.bitwise_and(ordered, (1 << bits) - 1, out=ordered))
 
 
+def keep_in_place(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`values * mask` written over float `values`, up to the sign of the zeros: a dropped
+    element is +0.0 (no sum that starts at +0.0 tells the two apart). `values.mul_(mask)`
+    would first convert the whole bool mask to a float temporary of the values' size."""
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device), out=values)
+
+
 def mask_in_place(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor | None:
-    """Turn `delta` into the kept delta (`delta * mask`, in place) and return, with `rescale`,
-    the factor that gives it the L1 norm the delta had (float32, 0-d; None when either norm
-    is below 1e-7: no rescale). One buffer serves both |.| temporaries: the sums reduce in
-    the same order as `delta.abs().sum()` and `(delta * mask).abs().sum()`."""
+    """Turn `delta` into the kept delta (`keep_in_place`) and return, with `rescale`, the
+    factor that gives it the L1 norm the delta had (float32, 0-d; None when either norm is
+    below 1e-7: no rescale). One buffer serves both |.| temporaries: the sums reduce in the
+    same order as `delta.abs().sum()` and `(delta * mask).abs().sum()`."""
     if not rescale:
-        delta.mul_(mask)
+        keep_in_place(delta, mask)
         return None
     buf = torch.empty_like(delta)
     before = torch.abs(delta, out=buf).sum()
-    delta.mul_(mask)
+    keep_in_place(delta, mask)
     return _l1_ratio(before, torch.abs(delta, out=buf).sum())
 
 

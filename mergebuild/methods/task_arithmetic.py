@@ -7,7 +7,10 @@ what was kept; scale by lambda; add to the base. See DESIGN.md section 5.
 
 Memory does not grow with the number of models: models are folded in one at a
 time into a handful of accumulators, and the consensus is resolved at the end
-(the elected sign picks the positive or the negative partial sums).
+(the elected sign picks the positive or the negative partial sums). A sparsified
+model reaches the fold as its sparse delta (mask, expert as stored, factor), and
+the fold makes its weighted kept delta a chunk at a time: no float32 copy of a
+model's delta waits for the fold.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -22,7 +26,7 @@ import torch
 
 from mergebuild.methods import sparsify
 from mergebuild.methods.base import INT8_MASK, WEIGHT, Method, ParamSpec, Scalar, TensorContext
-from mergebuild.methods.sparse_delta import SparseDelta
+from mergebuild.methods.sparse_delta import SparseDelta, difference, kept_delta
 
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della"]
 
@@ -53,16 +57,33 @@ def _folder() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="mergebuild-fold")
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """Model i's weighted kept delta, `kept_delta(...) * weight`, made a chunk at a time."""
+
+    sparse: SparseDelta
+    base: torch.Tensor
+    weight: torch.Tensor
+
+    def chunk(self, part: slice, out: torch.Tensor) -> torch.Tensor:
+        """Flat elements `part` of the weighted kept delta, written to `out` (their size).
+        `kept_delta` is elementwise, so the bits are the whole tensor's."""
+        sparse = self.sparse
+        expert, mask = sparse.expert.reshape(-1)[part], sparse.mask.reshape(-1)[part]
+        return kept_delta(mask, expert, self.base.reshape(-1)[part], sparse.factor, out).mul_(self.weight)
+
+
 class _Fold:
-    """Running sums over models, folded in one at a time in model order.
+    """Running sums over models, folded in one at a time in model order, a chunk of
+    `_CLAMP_CHUNK` elements at a time.
 
     Without consensus only the total. With consensus the positive and negative
     parts are kept apart too, and, when the result is normalized, which models
     took part on each side: as bit sets for up to `_MAX_BIT_MODELS` models (the
     divisor is then looked up in a table of subset sums, added in model order,
     which is exactly what running float sums give), else as running float sums.
-    Each fold step works in place on the model's weighted delta, which the fold
-    owns from then on.
+    A model comes as its weighted delta, which the fold owns and works on in place,
+    or as a `_Kept`, whose chunks it makes in a scratch buffer.
     """
 
     def __init__(self, consensus: bool, weights: list[float], track_weights: bool) -> None:
@@ -79,43 +100,65 @@ class _Fold:
         self.flags: torch.Tensor | None = None
         #: Where a later model's negative part is clamped to, a chunk at a time.
         self.scratch: torch.Tensor | None = None
+        #: Where a `_Kept` model's chunk is made.
+        self.kept: torch.Tensor | None = None
 
-    def add(self, i: int, weighted: torch.Tensor) -> None:
-        """Fold in model i's weighted delta (consumed: the fold may overwrite it).
+    def add(self, i: int, weighted: torch.Tensor | _Kept) -> None:
+        """Fold in model i: its weighted delta (consumed: the fold may overwrite it) or a
+        `_Kept` that makes it.
 
         The sums start at zero, and `0 + x` is `x + 0` (IEEE: both turn -0 into +0), so
         the first model's sums are its own values plus 0, without zeroed buffers.
         """
+        like = weighted if isinstance(weighted, torch.Tensor) else weighted.base
         first = self.total is None
+        if first and not self.consensus and isinstance(weighted, torch.Tensor):
+            self.total = weighted.add_(0.0)  # the total takes the model's buffer
+            return
         if first:
-            # Without consensus the total may take the model's buffer; with it, that becomes `pos`.
-            self.total = weighted.add_(0.0) if not self.consensus else weighted.add(0.0)
+            self.total = torch.empty_like(like, dtype=torch.float32)
+            if self.consensus:
+                self.pos, self.neg = torch.empty_like(self.total), torch.empty_like(self.total)
             if self.track_weights:
-                self._start_weights(weighted)
+                self._start_weights(like)
+        dense = weighted.reshape(-1) if isinstance(weighted, torch.Tensor) else None
+        for part in _chunks(like.numel()):
+            if dense is not None:
+                chunk = dense[part]
+            else:
+                assert isinstance(weighted, _Kept)
+                chunk = weighted.chunk(part, self._buffer("kept", like)[: part.stop - part.start])
+            self._add_chunk(i, part, chunk, first)
+
+    def _buffer(self, name: Literal["kept", "scratch"], like: torch.Tensor) -> torch.Tensor:
+        """The float32 scratch buffer `name`, a chunk's size (made on first use)."""
+        buf = getattr(self, name)
+        if buf is None:
+            buf = torch.empty(min(like.numel(), _CLAMP_CHUNK), dtype=torch.float32, device=like.device)
+            setattr(self, name, buf)
+        return buf
+
+    def _add_chunk(self, i: int, part: slice, chunk: torch.Tensor, first: bool) -> None:
+        """Fold flat elements `part` of model i's weighted delta (`chunk`, overwritten)."""
+        assert self.total is not None
+        total = self.total.reshape(-1)[part]
+        if first:
+            torch.add(chunk, 0.0, out=total)
         else:
-            assert self.total is not None
-            self.total += weighted
+            total += chunk
         if self.track_weights:
-            self._track(i, weighted)
+            self._track(i, part, chunk)
         if not self.consensus:
             return
+        assert self.pos is not None and self.neg is not None
+        pos, neg = self.pos.reshape(-1)[part], self.neg.reshape(-1)[part]
         # clamp keeps a value or gives +0, as where(sign, value, 0) would: same sums, fewer passes.
         if first:
-            self.neg = weighted.clamp(max=0).add_(0.0)
-            self.pos = weighted.clamp_(min=0).add_(0.0)
+            torch.clamp(chunk, max=0, out=neg).add_(0.0)
+            torch.clamp(chunk, min=0, out=pos).add_(0.0)
             return
-        assert self.pos is not None and self.neg is not None
-        if self.scratch is None:
-            self.scratch = torch.empty(
-                min(weighted.numel(), _CLAMP_CHUNK), dtype=weighted.dtype, device=weighted.device
-            )
-        # Elementwise, so chunk by chunk gives the same values as one pass: the scratch is a
-        # chunk, not a second tensor of the model's size.
-        values, neg = weighted.reshape(-1), self.neg.reshape(-1)
-        for part in _chunks(values.numel()):
-            chunk = values[part]
-            neg[part] += torch.clamp(chunk, max=0, out=self.scratch[: chunk.numel()])
-        self.pos += weighted.clamp_(min=0)
+        neg += torch.clamp(chunk, max=0, out=self._buffer("scratch", chunk)[: chunk.numel()])
+        pos += chunk.clamp_(min=0)
 
     def _start_weights(self, like: torch.Tensor) -> None:
         dtype = torch.float32 if not self.use_bits else torch.uint8 if len(self.weights) <= 8 else torch.int32
@@ -123,18 +166,14 @@ class _Fold:
         self.neg_weight = torch.zeros_like(like, dtype=dtype)
         self.flags = torch.empty(min(like.numel(), _CLAMP_CHUNK), dtype=torch.bool, device=like.device)
 
-    def _track(self, i: int, weighted: torch.Tensor) -> None:
-        """Add model i's weight (or bit) where its weighted delta is positive, or negative, a
-        chunk at a time (the flags are a chunk's)."""
+    def _track(self, i: int, part: slice, chunk: torch.Tensor) -> None:
+        """Add model i's weight (or bit) where its weighted delta (flat elements `part`) is
+        positive, or negative."""
         assert self.pos_weight is not None and self.neg_weight is not None and self.flags is not None
         alpha = (1 << i) if self.use_bits else float(self.weights[i])
-        values = weighted.reshape(-1)
-        pos_weight, neg_weight = self.pos_weight.reshape(-1), self.neg_weight.reshape(-1)
-        for part in _chunks(values.numel()):
-            chunk = values[part]
-            flags = self.flags[: chunk.numel()]
-            pos_weight[part].add_(torch.gt(chunk, 0, out=flags), alpha=alpha)
-            neg_weight[part].add_(torch.lt(chunk, 0, out=flags), alpha=alpha)
+        flags = self.flags[: chunk.numel()]
+        self.pos_weight.reshape(-1)[part].add_(torch.gt(chunk, 0, out=flags), alpha=alpha)
+        self.neg_weight.reshape(-1)[part].add_(torch.lt(chunk, 0, out=flags), alpha=alpha)
 
     def resolve(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mixed delta, and (with consensus and tracked weights) the summed weights of
@@ -245,32 +284,30 @@ class TaskArithmeticFamily(Method):
 
     def weighted_delta(
         self, ctx: TensorContext, i: int, base: torch.Tensor, weight: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | _Kept:
         """Model i's delta, sparsified (and L1-rescaled) when the method says so, times its
-        weight (float32, 0-d): a new tensor the caller owns."""
+        weight (float32, 0-d): a new tensor the caller owns, or, sparsified, a `_Kept` that
+        makes it a chunk at a time."""
         recipe = self.expert_recipe(ctx.param, lambda name: ctx.model_param(i, name))
-        # `expert - base` promotes a 16-bit expert to float32 exactly: the values of
+        # `difference` promotes a 16-bit expert to float32 exactly: the values of
         # `expert.float() - base`, in one pass and without a float32 copy of the expert.
         if recipe is None or base.numel() == 0:
-            delta = ctx.stored_model(i) - base
+            delta = difference(ctx.stored_model(i), base)
             ctx.note_delta(i, delta)
             return delta.mul_(weight)
         density = float(recipe["density"])
-        fresh: list[torch.Tensor] = []
 
         def compute() -> SparseDelta:
             model = ctx.stored_model(i)
-            delta = model - base
+            delta = difference(model, base)
             ctx.note_delta(i, delta)
             mask = self._mask(ctx, i, delta, density)
-            # kept_delta's expression with `delta` already computed: the same values, one pass
-            # less, and in place.
-            factor = sparsify.mask_in_place(delta, mask, bool(recipe["rescale"]))
-            fresh.append(delta.mul_(factor) if factor is not None else delta)
+            # Only the rescale factor is taken from the delta (it is dropped here): the fold
+            # makes the kept delta from the mask and the expert as stored, as from a cached one.
+            factor = sparsify.mask_in_place(delta, mask, rescale=True) if recipe["rescale"] else None
             return SparseDelta(mask, model, factor)
 
-        sparse = ctx.expert_work(i, recipe, compute)
-        return (fresh.pop() if fresh else sparse.delta(base)).mul_(weight)
+        return _Kept(ctx.expert_work(i, recipe, compute), base, weight)
 
     def _mask(self, ctx: TensorContext, i: int, delta: torch.Tensor, density: float) -> torch.Tensor:
         if self.sparsifier == "magnitude":
@@ -304,6 +341,9 @@ class TaskArithmeticFamily(Method):
                 if folding is not None:
                     folding.result()
                 folding = folder.submit(fold.add, i, weighted)
+                # The fold owns it now: holding it here too would keep a tensor of the model's
+                # size alive while the next model's delta is made.
+                del weighted
         finally:
             if folding is not None:
                 folding.result()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mergebuild.methods import sparse_delta
 from mergebuild.methods.sparse_delta import SparseDelta, decode, encode, kept_delta
 
 
@@ -73,3 +74,23 @@ def test_an_empty_mask_and_a_full_one() -> None:
 def test_a_foreign_blob_is_refused() -> None:
     with pytest.raises(ValueError, match="not a sparse delta blob"):
         decode(b"MBSD2\n" + bytes(16), torch.zeros(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_coding_in_chunks_gives_the_blob_of_one_pass(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    # 1000 elements in chunks of 64: the packed mask, the codes and the escapes of each chunk
+    # follow the previous chunk's, and the last chunk is short.
+    base, expert = _pair(dtype, (1000,), seed=6)
+    mask = torch.rand(base.shape, generator=torch.Generator().manual_seed(7)) < 0.5
+    sparse = SparseDelta(mask, expert, torch.tensor(1.25))
+    whole = encode(sparse, base.to(torch.float32), dtype)
+    monkeypatch.setattr(sparse_delta, "_ENCODE_CHUNK", 64)
+
+    chunked = encode(sparse, base.to(torch.float32), dtype)
+
+    assert chunked == whole
+    back = decode(chunked, base)
+    assert torch.equal(back.mask, mask)
+    assert torch.equal(back.expert[mask].to(torch.float32), expert[mask].to(torch.float32))
