@@ -33,7 +33,7 @@ from mergebuild.errors import ExecutionError, InputError
 from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_key, node_record
 from mergebuild.methods import sparse_delta
 from mergebuild.methods.base import Scalar
-from mergebuild.methods.sparse_delta import SparseDelta
+from mergebuild.methods.sparse_delta import Difference, SparseDelta
 from mergebuild.plan import HOLD_BYTES, Blocks, NodePlan, TargetPlan
 from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor, read_bytes
 from mergebuild.tensor_checks import all_finite
@@ -509,6 +509,10 @@ class _Context:
             self._stored_base = self._reader.read(self._node.base)
         stored = self._stored_base if self._rows is None else self._stored_base[slice(*self._rows)]
         self._base = _finite(_to_device(stored, self.device).to(torch.float32), self._node.base)
+        if self._rows is None and self._base.device == _CPU:
+            # The float32 base holds the stored values exactly, and blobs can be coded against
+            # it (`_coding_base`): the stored copy need not stay alive beside it.
+            self._stored_base = None
         return self._base
 
     def model(self, i: int) -> torch.Tensor:
@@ -528,7 +532,7 @@ class _Context:
     def omitted(self, i: int) -> bool:
         return self._by_block and self._allocation[i] == ()
 
-    def note_delta(self, i: int, delta: torch.Tensor) -> None:
+    def note_delta(self, i: int, delta: torch.Tensor | Difference) -> None:
         # Statistics describe the whole expert: not one a budget cut down.
         if self._with_stats and self._allocation[i] is None:
             assert self._node.base is not None
@@ -537,10 +541,11 @@ class _Context:
     def _known_base(self) -> torch.Tensor:
         return self._base if self._base is not None else self.base()
 
-    def _known_stored_base(self) -> torch.Tensor:
-        self._known_base()
-        assert self._stored_base is not None
-        return self._stored_base
+    def _coding_base(self) -> torch.Tensor:
+        """The whole base, on the host, that per-expert blobs are coded against: as stored, or
+        its float32 copy (the same values; `sparse_delta` converts it a chunk at a time)."""
+        base = self._known_base()
+        return self._stored_base if self._stored_base is not None else base
 
     def _allocated(self, info: TensorInfo, blocks: tuple[int, ...]) -> torch.Tensor:
         """The expert's tensor as a budget sees it: its allocated blocks, the base's rows elsewhere."""
@@ -598,7 +603,7 @@ class _Context:
             data = cache.read(cached) if cached is not None else None
             if data is not None:
                 self._report.expert_work_reused += 1
-                cached_delta = sparse_delta.decode(data, self._known_stored_base())
+                cached_delta = sparse_delta.decode(data, self._coding_base())
                 return SparseDelta(
                     _to_device(cached_delta.mask, self.device),
                     _to_device(cached_delta.expert, self.device),
@@ -609,7 +614,7 @@ class _Context:
         if key is None:
             expert, base = self._reader.digests(info), self._reader.digests(self._node.base)
             key = expert_work_key(recipe, self._seed, expert.content, base.content, self.shape, blocks)
-        base_tensor, dtype = self._known_stored_base(), info.torch_dtype
+        base_tensor, dtype = self._coding_base(), info.torch_dtype
         # What waits to be coded holds the expert as stored (half of float32 for 16-bit dtypes),
         # in host memory: the blob writer codes it with numpy.
         factor = sparse.factor.cpu() if sparse.factor is not None else None
@@ -841,7 +846,9 @@ def _finite(tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     return tensor
 
 
-def _record_stats(reader: SourceReader, base_info: TensorInfo, info: TensorInfo, delta: torch.Tensor) -> None:
+def _record_stats(
+    reader: SourceReader, base_info: TensorInfo, info: TensorInfo, delta: torch.Tensor | Difference
+) -> None:
     """Per-block delta statistics (L2 norm, max |delta|) for budgets, when the catalog lacks them.
 
     Computed from the delta the merge computes anyway, so only the first build
@@ -857,12 +864,14 @@ def _record_stats(reader: SourceReader, base_info: TensorInfo, info: TensorInfo,
     )
 
 
-def block_stats(delta: torch.Tensor, grid: BlockGrid) -> list[tuple[float, float]]:
-    """(L2 norm, max |delta|) of each block of `delta` on `grid`."""
-    rows = delta.reshape(grid.rows, -1) if delta.dim() else delta.reshape(1, 1)
+def block_stats(delta: torch.Tensor | Difference, grid: BlockGrid) -> list[tuple[float, float]]:
+    """(L2 norm, max |delta|) of each block of `delta` on `grid` (of a Difference, each block
+    is made in turn)."""
+    row_size = delta.numel() // grid.rows if grid.rows else 0
     result = []
     for start, end in grid.ranges():
-        block = rows[start:end]
+        part = slice(start * row_size, end * row_size)
+        block = delta.part(part) if isinstance(delta, Difference) else delta.reshape(-1)[part]
         if block.numel() == 0:
             result.append((0.0, 0.0))
             continue

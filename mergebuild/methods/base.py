@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from mergebuild.methods.sparse_delta import SparseDelta
+    from mergebuild.methods.sparse_delta import Difference, SparseDelta
 
 Scalar = float | int | bool
 
@@ -111,9 +111,10 @@ class TensorContext(Protocol):
         allocated): it then stands for the base, a zero delta, and is never read."""
         ...
 
-    def note_delta(self, i: int, delta: torch.Tensor) -> None:
-        """Show the executor model i's whole delta against the base (float32), which a method
-        that computes it anyway passes on: the executor keeps block statistics of it for budgets."""
+    def note_delta(self, i: int, delta: torch.Tensor | Difference) -> None:
+        """Show the executor model i's whole delta against the base (float32, or a Difference
+        that makes it a block at a time), which a method that has it anyway passes on: the
+        executor keeps block statistics of it for budgets."""
         ...
 
     def expert_work(

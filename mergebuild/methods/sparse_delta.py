@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergebuild.methods import sparsify
 from mergebuild.safetensors_io import DTYPE_NAMES, DTYPES
 
 _MAGIC = b"MBSD3\n"
@@ -65,6 +64,45 @@ def difference(expert: torch.Tensor, base: torch.Tensor, out: torch.Tensor | Non
     return out
 
 
+@dataclass(frozen=True)
+class Difference:
+    """`expert - base` (float32, as `difference` makes it), made where it is used, a part at a
+    time: a sparsifier that streams over the delta, or block statistics, never hold it whole."""
+
+    expert: torch.Tensor  # any float dtype
+    base: torch.Tensor  # float32, the expert's shape
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.base.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def numel(self) -> int:
+        return self.base.numel()
+
+    def part(self, part: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat elements `part` of the difference (into `out`, their size, when given)."""
+        return difference(self.expert.reshape(-1)[part], self.base.reshape(-1)[part], out)
+
+    def whole(self) -> torch.Tensor:
+        """The whole difference, a new tensor."""
+        return difference(self.expert, self.base)
+
+
+def keep_in_place(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`values * mask` written over float `values`, up to the sign of the zeros: a dropped
+    element is +0.0 (no sum that starts at +0.0 tells the two apart). `values.mul_(mask)`
+    would first convert the whole bool mask to a float temporary of the values' size."""
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device), out=values)
+
+
 def kept_delta(
     mask: torch.Tensor,
     expert: torch.Tensor,
@@ -74,7 +112,7 @@ def kept_delta(
 ) -> torch.Tensor:
     """(expert - base) * mask, times the rescale factor, into `out` when given: the one
     expression both paths use, elementwise, so the bits of a chunk are the whole tensor's."""
-    kept = sparsify.keep_in_place(difference(expert, base, out), mask)
+    kept = keep_in_place(difference(expert, base, out), mask)
     return kept.mul_(factor) if factor is not None else kept
 
 
@@ -145,7 +183,8 @@ def decode(data: bytes, base: torch.Tensor) -> SparseDelta:
     mask = np.unpackbits(sections[0], count=n).view(bool)
     dtype = DTYPES[header["dtype"]]
     if dtype.itemsize == 2:
-        full = _bits(base, dtype).copy()
+        full = _bits(base, dtype)
+        full = full.copy() if base.dtype == dtype else full  # a view of the base is written below
         codes = sections[1].view(np.int8)
         bits = np.compress(mask, full) + codes  # wraps as encode did
         bits[codes == _ESCAPE] = sections[2].view(np.int16)

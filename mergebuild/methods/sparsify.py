@@ -19,7 +19,9 @@ writes the mask, switching from keeping tied elements to dropping them (or
 back) after the right number of them in flat-index order. Each pass streams
 the input in blocks of `_BLOCK` elements through reused buffers, so no
 full-size temporary is allocated (only the mask), no full-length cumsum or
-sort runs, and the input is read three times.
+sort runs, and the input is read three times. The input may be a `Difference`
+(expert - base), whose blocks are then made as they are read: the delta is
+never whole in memory.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from mergebuild.methods.sparse_delta import Difference, keep_in_place
 
 #: Dtypes whose values convert to float32 exactly (so float32 keys order them).
 _KEYED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,23 +72,29 @@ class _Keys:
     of |x|, so -0.0 and +0.0 share the key 0.
     """
 
-    def __init__(self, x: torch.Tensor, absolute: bool) -> None:
-        self.flat = x.reshape(-1)
-        self.n = self.flat.numel()
+    def __init__(self, x: torch.Tensor | Difference, absolute: bool) -> None:
+        self.source = x
+        self.n = x.numel()
         self.absolute = absolute
         size = min(_BLOCK, self.n)
         self.buf = torch.empty(size, dtype=torch.int32, device=x.device)
         self.aux = torch.empty(0 if absolute else size, dtype=torch.int32, device=x.device)
-        self.f32 = torch.empty(size if x.dtype != torch.float32 else 0, dtype=torch.float32, device=x.device)
+        # Where a block is converted to float32 (or, of a Difference, made).
+        made = isinstance(x, Difference) or x.dtype != torch.float32
+        self.f32 = torch.empty(size if made else 0, dtype=torch.float32, device=x.device)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start, keys of flat elements start .. start + len(keys) - 1); the keys
         tensor is overwritten by the next block."""
         for lo in range(0, self.n, _BLOCK):
-            src = self.flat[lo : lo + _BLOCK]
-            m = src.numel()
-            if src.dtype != torch.float32:
-                src = self.f32[:m].copy_(src)
+            part = slice(lo, min(lo + _BLOCK, self.n))
+            m = part.stop - lo
+            if isinstance(self.source, Difference):
+                src = self.source.part(part, self.f32[:m])
+            else:
+                src = self.source.reshape(-1)[part]
+                if src.dtype != torch.float32:
+                    src = self.f32[:m].copy_(src)
             bits, keys = src.view(torch.int32), self.buf[:m]
             if self.absolute:
                 torch.bitwise_and(bits, 0x7FFFFFFF, out=keys)
@@ -168,14 +178,19 @@ def _bounded_mask(keys: _Keys, lower: _Bound | None, upper: _Bound | None) -> to
     return out
 
 
-def _rank_range(x: torch.Tensor, lo_rank: int, hi_rank: int, absolute: bool) -> torch.Tensor:
+def _whole(x: torch.Tensor | Difference) -> torch.Tensor:
+    return x.whole() if isinstance(x, Difference) else x
+
+
+def _rank_range(x: torch.Tensor | Difference, lo_rank: int, hi_rank: int, absolute: bool) -> torch.Tensor:
     """keep_rank_range of x, or of |x| when `absolute`."""
     n = x.numel()
     lo_rank, hi_rank = max(lo_rank, 0), min(hi_rank, n)
     if hi_rank <= lo_rank:
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     if x.dtype not in _KEYED_DTYPES or n < _SMALL:
-        return _keep_rank_range_by_kthvalue(x.abs() if absolute else x, lo_rank, hi_rank)
+        values = _whole(x)
+        return _keep_rank_range_by_kthvalue(values.abs() if absolute else values, lo_rank, hi_rank)
     keys = _Keys(x, absolute)
     wanted = [r for r, needed in ((lo_rank, lo_rank > 0), (hi_rank - 1, hi_rank < n)) if needed]
     stats = dict(zip(wanted, _select(keys, wanted), strict=True))
@@ -228,7 +243,7 @@ def keep_rank_range(magnitudes: torch.Tensor, lo_rank: int, hi_rank: int) -> tor
     return _rank_range(magnitudes, lo_rank, hi_rank, absolute=False)
 
 
-def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude(delta: torch.Tensor | Difference, density: float) -> torch.Tensor:
     """Keep the k = max(1, int(density * n)) largest |delta|; of the elements tied
     with the k-th largest, those with the lowest flat index."""
     n = delta.numel()
@@ -236,7 +251,7 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     if k >= n:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     if delta.dtype not in _KEYED_DTYPES or n < _SMALL:
-        w = delta.abs().reshape(-1)
+        w = _whole(delta).abs().reshape(-1)
         threshold = torch.kthvalue(w, n - k + 1).values
         keep = w > threshold
         room = k - int(keep.sum())
@@ -250,7 +265,7 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     return _bounded_mask(keys, lower, None).reshape(delta.shape)
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def magnitude_outliers(delta: torch.Tensor | Difference, density: float, gamma: float) -> torch.Tensor:
     """Drop the int(gamma * n) largest |delta| and enough of the smallest to keep int(density * n)."""
     n = delta.numel()
     target = int(density * n)
@@ -316,13 +331,6 @@ def _stable_order(keys: torch.Tensor) -> torch.Tensor:
     composite = keys.to(torch.int64).bitwise_left_shift_(bits).bitwise_or_(positions)
     ordered = np.sort(composite.numpy(), axis=-1)
     return torch.from_numpy(np.bitwise_and(ordered, (1 << bits) - 1, out=ordered))
-
-
-def keep_in_place(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`values * mask` written over float `values`, up to the sign of the zeros: a dropped
-    element is +0.0 (no sum that starts at +0.0 tells the two apart). `values.mul_(mask)`
-    would first convert the whole bool mask to a float temporary of the values' size."""
-    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device), out=values)
 
 
 def mask_in_place(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor | None:

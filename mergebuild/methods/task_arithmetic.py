@@ -26,7 +26,7 @@ import torch
 
 from mergebuild.methods import sparsify
 from mergebuild.methods.base import INT8_MASK, WEIGHT, Method, ParamSpec, Scalar, TensorContext
-from mergebuild.methods.sparse_delta import SparseDelta, difference, kept_delta
+from mergebuild.methods.sparse_delta import Difference, SparseDelta, difference, kept_delta
 
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della"]
 
@@ -299,23 +299,33 @@ class TaskArithmeticFamily(Method):
 
         def compute() -> SparseDelta:
             model = ctx.stored_model(i)
-            delta = difference(model, base)
-            ctx.note_delta(i, delta)
+            lazy = Difference(model, base)
+            ctx.note_delta(i, lazy)
+            # The magnitude sparsifiers stream over the delta: made a block at a time, it is
+            # never whole. della's rows and the rescale's sums take it whole.
+            rescale = bool(recipe["rescale"])
+            delta = lazy.whole() if rescale or self.sparsifier == "della" else lazy
             mask = self._mask(ctx, i, delta, density)
             # Only the rescale factor is taken from the delta (it is dropped here): the fold
             # makes the kept delta from the mask and the expert as stored, as from a cached one.
-            factor = sparsify.mask_in_place(delta, mask, rescale=True) if recipe["rescale"] else None
+            factor = None
+            if rescale:
+                assert isinstance(delta, torch.Tensor)
+                factor = sparsify.mask_in_place(delta, mask, rescale=True)
             return SparseDelta(mask, model, factor)
 
         return _Kept(ctx.expert_work(i, recipe, compute), base, weight)
 
-    def _mask(self, ctx: TensorContext, i: int, delta: torch.Tensor, density: float) -> torch.Tensor:
+    def _mask(
+        self, ctx: TensorContext, i: int, delta: torch.Tensor | Difference, density: float
+    ) -> torch.Tensor:
         if self.sparsifier == "magnitude":
             return sparsify.magnitude(delta, density)
         if self.sparsifier == "magnitude_outliers":
             return sparsify.magnitude_outliers(delta, density, float(ctx.model_param(i, "gamma")))
         if self.sparsifier == "random":
             return ctx.keep_mask(i, density)
+        assert isinstance(delta, torch.Tensor)
         return sparsify.della(delta, ctx.uniform(i), density, float(ctx.model_param(i, "epsilon")))
 
     def merge(self, ctx: TensorContext) -> torch.Tensor:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mergebuild import rng
 from mergebuild.methods import sparsify
+from mergebuild.methods.sparse_delta import Difference
 
 #: Few distinct magnitudes, so that ties at the threshold are common.
 coarse = st.lists(st.integers(-4, 4), min_size=1, max_size=120).map(
@@ -440,3 +441,22 @@ def test_stable_order_is_torchs_stable_argsort(shape: tuple[int, ...]) -> None:
     moved = keys.movedim(1, -1) if keys.dim() > 2 else keys
     expected = torch.sort(moved, dim=-1, stable=True).indices
     assert torch.equal(sparsify._stable_order(moved), expected)
+
+
+@EQUIV
+@given(expert=tied_tensors((torch.bfloat16, torch.float16, torch.float32)), block=blocks, data=st.data())
+def test_a_difference_made_block_by_block_gives_the_mask_of_the_whole_delta(
+    expert: torch.Tensor, block: int, data: st.DataObject
+) -> None:
+    # A base with few distinct values, so the differences tie as often as the experts do.
+    base = (torch.arange(expert.numel()) % 7 * 0.25 - 0.75).reshape(expert.shape)
+    delta = expert.float() - base
+    density = data.draw(rank_densities(delta.numel()))
+    gamma = data.draw(st.sampled_from([0.0, 0.01, 0.1]))
+    lazy = Difference(expert, base)
+    with radix_path(block):
+        assert torch.equal(sparsify.magnitude(lazy, density), sparsify.magnitude(delta, density))
+        assert torch.equal(
+            sparsify.magnitude_outliers(lazy, density, gamma),
+            sparsify.magnitude_outliers(delta, density, gamma),
+        )
