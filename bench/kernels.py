@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mergebuild import memory, rng, tensor_checks
 from mergebuild.methods import sparsify
+from mergebuild.methods.sparse_delta import keep_in_place
 
 # ----- the implementations replaced in issue 5 (commit 50cf15d) -----
 
@@ -112,8 +113,8 @@ def old_rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def new_rescale_l1(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    kept = delta.clone()  # mask_in_place overwrites its input, as the merge's own delta
-    factor = sparsify.mask_in_place(kept, mask, rescale=True)
+    factor = sparsify.rescale_factor(delta.clone(), mask)  # uses up its input, as the merge's own delta
+    kept = keep_in_place(delta.clone(), mask)
     return kept if factor is None else kept.mul_(factor)
 
 
@@ -162,7 +163,10 @@ def cases(delta: torch.Tensor) -> dict[str, tuple[Callable[[], object], Callable
         ),
         "random": (lambda: old_uniform(KEY, 0, n) < 0.3, lambda: rng.keep_mask(KEY, 0, n, 0.3)),
         "uniform": (lambda: old_uniform(KEY, 0, n), lambda: rng.uniform(KEY, 0, n)),
-        "della": (lambda: old_della(rows, u, 0.5, 0.15), lambda: sparsify.della(rows, u, 0.5, 0.15)),
+        "della": (
+            lambda: old_della(rows, u, 0.5, 0.15),
+            lambda: sparsify.della(rows, lambda part: u.reshape(-1)[part], 0.5, 0.15),
+        ),
         "rescale_l1": (lambda: old_rescale_l1(delta, kept), lambda: new_rescale_l1(delta, mask)),
         "all_finite": (
             lambda: bool(torch.isfinite(delta).all()),

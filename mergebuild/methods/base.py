@@ -94,11 +94,12 @@ class TensorContext(Protocol):
         """Model i's value of a per-model parameter, resolved for this tensor."""
         ...
 
-    def uniform(self, i: int) -> torch.Tensor:
-        """Float64 uniforms in [0, 1), one per element of model i's tensor (shape `shape`).
+    def uniform(self, i: int, part: slice) -> torch.Tensor:
+        """Float64 uniforms in [0, 1), one per flat element `part` of model i's tensor (flat).
 
         Each value is a pure function of (seed, model i's tensor digest, tensor
-        name, flat element index), so it never depends on schedule or block size.
+        name, flat element index), so it never depends on schedule, block size or
+        how the elements are asked for.
         """
         ...
 

@@ -27,7 +27,7 @@ never whole in memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -274,23 +274,31 @@ def magnitude_outliers(delta: torch.Tensor | Difference, density: float, gamma: 
     return _rank_range(delta, n_bottom, n_bottom + target, absolute=True)
 
 
-def della(delta: torch.Tensor, uniforms: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+#: Float64 uniforms of a tensor's flat elements `part`, as a flat tensor.
+Uniforms = Callable[[slice], torch.Tensor]
+
+
+def della(delta: torch.Tensor, uniforms: Uniforms, density: float, epsilon: float) -> torch.Tensor:
     """Keep each element with a probability that rises linearly with its |delta| rank in its row.
 
     Rows are taken along dimension 1 (a 1-D or 0-d tensor is one row). The smallest
     magnitude of a row is kept with probability density - epsilon, the largest
     with density + epsilon; a row of one element with probability density.
-    Tied magnitudes rank by position in the row.
+    Tied magnitudes rank by position in the row. An element is kept when its
+    uniform (from `uniforms`, asked for the flat elements of one slice of rows at
+    a time) is below its probability.
     """
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
-    u = uniforms.reshape(rows.shape)
     keep = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
     # Rows are independent: slices of the leading dimension of about `_BLOCK` elements at a
-    # time keep the sort's int64 temporaries (and float64 probabilities) a slice's size.
-    step = max(1, _BLOCK // max(1, math.prod(rows.shape[1:])))
+    # time keep the sort's int64 temporaries, the uniforms and the float64 probabilities a
+    # slice's size.
+    row_size = math.prod(rows.shape[1:])
+    step = max(1, _BLOCK // max(1, row_size))
     for start in range(0, rows.shape[0], step):
-        stop = start + step
-        keep[start:stop] = _della_rows(rows[start:stop], u[start:stop], density, epsilon)
+        stop = min(start + step, rows.shape[0])
+        u = uniforms(slice(start * row_size, stop * row_size)).reshape(rows[start:stop].shape)
+        keep[start:stop] = _della_rows(rows[start:stop], u, density, epsilon)
     return keep.reshape(delta.shape)
 
 
@@ -333,18 +341,16 @@ def _stable_order(keys: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.bitwise_and(ordered, (1 << bits) - 1, out=ordered))
 
 
-def mask_in_place(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor | None:
-    """Turn `delta` into the kept delta (`keep_in_place`) and return, with `rescale`, the
-    factor that gives it the L1 norm the delta had (float32, 0-d; None when either norm is
-    below 1e-7: no rescale). One buffer serves both |.| temporaries: the sums reduce in the
-    same order as `delta.abs().sum()` and `(delta * mask).abs().sum()`."""
-    if not rescale:
-        keep_in_place(delta, mask)
-        return None
-    buf = torch.empty_like(delta)
-    before = torch.abs(delta, out=buf).sum()
-    keep_in_place(delta, mask)
-    return _l1_ratio(before, torch.abs(delta, out=buf).sum())
+def rescale_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """The factor that gives the kept delta (`delta * mask`) the L1 norm `delta` had (float32,
+    0-d; None when either norm is below 1e-7: no rescale), overwriting `delta` (with |kept|).
+
+    The sums reduce `|delta|` and `|delta * mask|` in the order of `delta.abs().sum()` and
+    `(delta * mask).abs().sum()`, so the factor's bits are theirs, without a temporary:
+    |delta| is taken in place, and masking it gives |delta * mask| (a dropped element is
+    +0.0 either way)."""
+    before = delta.abs_().sum()
+    return _l1_ratio(before, keep_in_place(delta, mask).sum())
 
 
 def _l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:

@@ -306,12 +306,12 @@ class TaskArithmeticFamily(Method):
             rescale = bool(recipe["rescale"])
             delta = lazy.whole() if rescale or self.sparsifier == "della" else lazy
             mask = self._mask(ctx, i, delta, density)
-            # Only the rescale factor is taken from the delta (it is dropped here): the fold
-            # makes the kept delta from the mask and the expert as stored, as from a cached one.
+            # Only the rescale factor is taken from the delta (which it uses up): the fold makes
+            # the kept delta from the mask and the expert as stored, as from a cached one.
             factor = None
             if rescale:
                 assert isinstance(delta, torch.Tensor)
-                factor = sparsify.mask_in_place(delta, mask, rescale=True)
+                factor = sparsify.rescale_factor(delta, mask)
             return SparseDelta(mask, model, factor)
 
         return _Kept(ctx.expert_work(i, recipe, compute), base, weight)
@@ -326,7 +326,8 @@ class TaskArithmeticFamily(Method):
         if self.sparsifier == "random":
             return ctx.keep_mask(i, density)
         assert isinstance(delta, torch.Tensor)
-        return sparsify.della(delta, ctx.uniform(i), density, float(ctx.model_param(i, "epsilon")))
+        uniforms = functools.partial(ctx.uniform, i)
+        return sparsify.della(delta, uniforms, density, float(ctx.model_param(i, "epsilon")))
 
     def merge(self, ctx: TensorContext) -> torch.Tensor:
         base = ctx.base()

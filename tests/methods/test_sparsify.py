@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from mergebuild import rng
 from mergebuild.methods import sparsify
-from mergebuild.methods.sparse_delta import Difference
+from mergebuild.methods.sparse_delta import Difference, keep_in_place
 
 #: Few distinct magnitudes, so that ties at the threshold are common.
 coarse = st.lists(st.integers(-4, 4), min_size=1, max_size=120).map(
@@ -26,6 +26,12 @@ fine = st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=1, max_s
 )
 deltas = st.one_of(coarse, fine)
 densities = st.floats(0.001, 1.0, exclude_min=False)
+
+
+def flat(uniforms: torch.Tensor) -> sparsify.Uniforms:
+    """della's uniforms, asked for by flat element range, from a tensor of them."""
+    return lambda part: uniforms.reshape(-1)[part]
+
 
 #: Derandomized (the same examples every run, so CI cannot flake) and without an
 #: example database (the tests leave no files behind).
@@ -167,7 +173,7 @@ def test_della_keep_probability_is_monotone_in_rank(
     delta = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     # One uniform for every element: an element is kept iff its probability
     # exceeds u, so the mask reveals the order of the probabilities.
-    mask = sparsify.della(delta, torch.full(shape, u, dtype=torch.float64), density, epsilon)
+    mask = sparsify.della(delta, flat(torch.full(shape, u, dtype=torch.float64)), density, epsilon)
     mags = delta.abs()
     for row_mask, row_mags in zip(mask, mags, strict=True):
         if row_mask.any():
@@ -189,7 +195,7 @@ def test_della_keep_probability_is_monotone_in_rank(
 def test_della_keeps_large_magnitudes_more_often(density: float, epsilon: float, key: int) -> None:
     rows, length = 2000, 50
     delta = torch.randn(rows, length, generator=torch.Generator().manual_seed(key))
-    mask = sparsify.della(delta, rng.uniform(key, 0, rows * length).reshape(rows, length), density, epsilon)
+    mask = sparsify.della(delta, flat(rng.uniform(key, 0, rows * length)), density, epsilon)
     ranks = delta.abs().argsort(dim=1).argsort(dim=1)
     low = float(mask[ranks < 10].double().mean())
     high = float(mask[ranks >= length - 10].double().mean())
@@ -255,9 +261,9 @@ def reference_della(
 
 
 def rescaled(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`delta * mask` rescaled by sparsify.mask_in_place, as the task-arithmetic family applies it."""
-    kept = delta.clone()
-    factor = sparsify.mask_in_place(kept, mask, rescale=True)
+    """`delta * mask` rescaled by sparsify.rescale_factor, as the task-arithmetic family applies it."""
+    factor = sparsify.rescale_factor(delta.clone(), mask)
+    kept = keep_in_place(delta.clone(), mask)
     return kept if factor is None else kept.mul_(factor)
 
 
@@ -401,7 +407,7 @@ def test_della_over_slices_of_rows_equals_the_reference(shape: tuple[int, ...]) 
     g = torch.Generator().manual_seed(11)
     delta = (torch.randn(shape, generator=g) * 0.001).to(torch.bfloat16).float()
     uniforms = torch.rand(shape, dtype=torch.float64, generator=g)
-    mask = sparsify.della(delta, uniforms, 0.5, 0.1)
+    mask = sparsify.della(delta, flat(uniforms), 0.5, 0.1)
     assert torch.equal(mask, reference_della(delta, uniforms, 0.5, 0.1))
 
 
@@ -414,7 +420,7 @@ def test_della_over_slices_of_rows_equals_the_reference(shape: tuple[int, ...]) 
 )
 def test_della_equals_the_reference(delta: torch.Tensor, seed: int, density: float, epsilon: float) -> None:
     uniforms = torch.rand(delta.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    mask = sparsify.della(delta, uniforms, density, epsilon)
+    mask = sparsify.della(delta, flat(uniforms), density, epsilon)
     assert mask.shape == delta.shape
     assert torch.equal(mask, reference_della(delta, uniforms, density, epsilon))
 
