@@ -104,7 +104,8 @@ class TensorContext(Protocol):
         ...
 
     def keep_mask(self, i: int, density: float) -> torch.Tensor:
-        """Bool mask of shape `shape`: exactly `uniform(i) < density`, without the float64 draws."""
+        """Bool mask of shape `shape`: exactly `uniform(i, all elements) < density` (reshaped),
+        without the float64 draws."""
         ...
 
     def omitted(self, i: int) -> bool:
