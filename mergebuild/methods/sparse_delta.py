@@ -43,10 +43,6 @@ class SparseDelta:
     expert: torch.Tensor
     factor: torch.Tensor | None  # float32 0-d L1 rescale factor, or None
 
-    def delta(self, base: torch.Tensor) -> torch.Tensor:
-        """The kept delta (float32) against `base`, the same base the mask was made with."""
-        return kept_delta(self.mask, self.expert, base, self.factor)
-
 
 def difference(expert: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`expert - base` in float32 (`base` is float32), into `out` when given.
