@@ -8,10 +8,10 @@ values of the expert in its storage dtype, coded against the base (delta =
 expert - base is recomputed from the base, which the merge reads anyway), so it
 is a fraction of the expert's size (see `encode`).
 
-The fresh and the cached path produce the kept delta with the same elementwise
-expression, `(expert - base) * mask * factor`, so a rebuild is bit-identical
-to a build from an empty cache. (A dropped element is -0.0 or +0.0 depending
-on the path, which no sum that starts at +0.0 can tell apart.)
+A fresh sparse delta and a cached one reach the merge in the same form (mask,
+expert, factor), and the kept delta is made from it with one elementwise
+expression, `kept_delta`, so a rebuild is bit-identical to a build from an
+empty cache.
 """
 
 from __future__ import annotations
