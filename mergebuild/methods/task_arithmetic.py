@@ -299,12 +299,13 @@ class TaskArithmeticFamily(Method):
 
         def compute() -> SparseDelta:
             model = ctx.stored_model(i)
-            lazy = Difference(model, base)
-            ctx.note_delta(i, lazy)
             # The magnitude sparsifiers stream over the delta: made a block at a time, it is
-            # never whole. della's rows and the rescale's sums take it whole.
+            # never whole. della's rows and the rescale's sums take it whole (made once, and
+            # the block statistics read it too).
             rescale = bool(recipe["rescale"])
+            lazy = Difference(model, base)
             delta = lazy.whole() if rescale or self.sparsifier == "della" else lazy
+            ctx.note_delta(i, delta)
             mask = self._mask(ctx, i, delta, density)
             # Only the rescale factor is taken from the delta (which it uses up): the fold makes
             # the kept delta from the mask and the expert as stored, as from a cached one.
