@@ -422,6 +422,7 @@ def version_command() -> None:
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     memory.use_huge_pages()
+    memory.use_one_arena()
     try:
         app()
     except MergebuildError as e:

@@ -256,7 +256,7 @@ def expert_work_key(
     """The key of one expert's per-expert work (a sparsified delta): it does not involve the
     other experts, the weights or lambda, so those can change without recomputing it."""
     record = {
-        "op": ["expert_work", 2],  # 2: the MBSD3 blob form
+        "op": ["expert_work", 3],  # 2: the MBSD3 blob form; 3: fixed-point rescale sums
         "recipe": dict(recipe),
         "seed": seed,
         "expert": expert.hex(),

@@ -20,6 +20,13 @@ def test_tune_allocator_in_a_fresh_process() -> None:
     assert out.split() == [str(on_glibc)] * 3
 
 
+def test_use_one_arena_in_a_fresh_process() -> None:
+    code = "from mergebuild.memory import use_one_arena as u; print(u(), u())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert out.split() == [str(on_glibc)] * 2
+
+
 @pytest.mark.parametrize("value", [-1, 1 << 31])
 def test_tune_allocator_rejects_values_mallopt_cannot_take(value: int) -> None:
     with pytest.raises(ValueError, match="C int"):

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from mergebuild.methods.sparse_delta import Difference, keep_in_place
+from mergebuild.methods.sparse_delta import Difference
 
 #: Dtypes whose values convert to float32 exactly (so float32 keys order them).
 _KEYED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -278,7 +279,9 @@ def magnitude_outliers(delta: torch.Tensor | Difference, density: float, gamma: 
 Uniforms = Callable[[slice], torch.Tensor]
 
 
-def della(delta: torch.Tensor, uniforms: Uniforms, density: float, epsilon: float) -> torch.Tensor:
+def della(
+    delta: torch.Tensor | Difference, uniforms: Uniforms, density: float, epsilon: float
+) -> torch.Tensor:
     """Keep each element with a probability that rises linearly with its |delta| rank in its row.
 
     Rows are taken along dimension 1 (a 1-D or 0-d tensor is one row). The smallest
@@ -288,17 +291,21 @@ def della(delta: torch.Tensor, uniforms: Uniforms, density: float, epsilon: floa
     uniform (from `uniforms`, asked for the flat elements of one slice of rows at
     a time) is below its probability.
     """
-    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
-    keep = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
+    shape = tuple(delta.shape) if len(delta.shape) >= 2 else (1, delta.numel())
+    keep = torch.empty(shape, dtype=torch.bool, device=delta.device)
     # Rows are independent: slices of the leading dimension of about `_BLOCK` elements at a
     # time keep the sort's int64 temporaries, the uniforms and the float64 probabilities a
-    # slice's size.
-    row_size = math.prod(rows.shape[1:])
+    # slice's size, and a `Difference` is made a slice at a time, never whole.
+    row_size = math.prod(shape[1:])
     step = max(1, _BLOCK // max(1, row_size))
-    for start in range(0, rows.shape[0], step):
-        stop = min(start + step, rows.shape[0])
-        u = uniforms(slice(start * row_size, stop * row_size)).reshape(rows[start:stop].shape)
-        keep[start:stop] = _della_rows(rows[start:stop], u, density, epsilon)
+    flat_delta = delta if isinstance(delta, Difference) else delta.reshape(-1)
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        part = slice(start * row_size, stop * row_size)
+        rows = (flat_delta.part(part) if isinstance(flat_delta, Difference) else flat_delta[part]).reshape(
+            (stop - start, *shape[1:])
+        )
+        keep[start:stop] = _della_rows(rows, uniforms(part).reshape(rows.shape), density, epsilon)
     return keep.reshape(delta.shape)
 
 
@@ -341,19 +348,77 @@ def _stable_order(keys: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.bitwise_and(ordered, (1 << bits) - 1, out=ordered))
 
 
-def rescale_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+def rescale_factor(delta: torch.Tensor | Difference, mask: torch.Tensor) -> torch.Tensor | None:
     """The factor that gives the kept delta (`delta * mask`) the L1 norm `delta` had (float32,
-    0-d; None when either norm is below 1e-7: no rescale), overwriting `delta` (with |kept|).
+    0-d, on the delta's device; None when either norm is below 1e-7: no rescale).
 
-    The sums reduce `|delta|` and `|delta * mask|` in the order of `delta.abs().sum()` and
-    `(delta * mask).abs().sum()`, so the factor's bits are theirs, without a temporary:
-    |delta| is taken in place, and masking it gives |delta * mask| (a dropped element is
-    +0.0 either way)."""
-    before = delta.abs_().sum()
-    return _l1_ratio(before, keep_in_place(delta, mask).sum())
-
-
-def _l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:
+    The norms are summed in fixed point (see `_fixed_point_sums`), so the factor's bits do not
+    depend on the thread count, the CPU's vector width or the device, as a float sum's do.
+    The delta is read `_BLOCK` elements at a time: a `Difference` is never made whole."""
+    n = delta.numel()
+    size = min(n, _BLOCK)
+    scratch = (
+        torch.empty(size, dtype=torch.float32, device=delta.device),
+        torch.empty(size, dtype=torch.float32, device=delta.device),
+        torch.empty(size, dtype=torch.int32, device=delta.device),
+    )
+    flat_delta = delta if isinstance(delta, Difference) else delta.reshape(-1)
+    flat_mask = mask.reshape(-1)
+    before = after = Fraction(0)
+    for start in range(0, n, _BLOCK):
+        part = slice(start, min(start + _BLOCK, n))
+        values, kept, fixed = (buffer[: part.stop - part.start] for buffer in scratch)
+        if isinstance(flat_delta, Difference):
+            flat_delta.part(part, out=values)
+        else:
+            values.copy_(flat_delta[part])
+        total, kept_total = _fixed_point_sums(values.abs_(), flat_mask[part], kept, fixed)
+        before, after = before + total, after + kept_total
     if before < 1e-7 or after < 1e-7:
         return None
-    return before / after
+    return torch.tensor(float(before / after), dtype=torch.float32, device=delta.device)
+
+
+#: Bits of each fixed-point part of a magnitude (an int32 holds it).
+_FIXED_POINT_BITS = 31
+#: The largest power of two scaled by at once (2^100 is a normal float32).
+_SCALE_STEP = 100
+
+
+def _fixed_point_sums(
+    magnitudes: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, fixed: torch.Tensor
+) -> tuple[Fraction, Fraction]:
+    """The sums of one block of finite non-negative float32 `magnitudes` (overwritten), all of
+    them and those where `mask`. `kept` (float32) and `fixed` (int32), the block's size, are
+    scratch.
+
+    The block is scaled by the power of two that puts its largest element just below 2^31;
+    the integer part of each value and its fraction (times 2^31) are summed as integers.
+    Scaling by a power of two, splitting and truncating are exact, and integer sums do not
+    depend on their order: the sums are the same on every thread count, vector width and
+    device. They are exact but for elements below 2^-38 of the block's largest, whose last
+    bits go."""
+    top = float(magnitudes.max())
+    if top == 0:
+        return Fraction(0), Fraction(0)
+    shift = _FIXED_POINT_BITS - math.frexp(top)[1]
+    remaining = shift
+    while remaining != 0:
+        step = max(-_SCALE_STEP, min(_SCALE_STEP, remaining))
+        magnitudes.mul_(2.0**step)
+        remaining -= step
+    # Times the mask as bytes: a float product (0 or the value), where `torch.where` would
+    # cost several times as much.
+    torch.mul(magnitudes, mask.view(torch.uint8), out=kept)
+    sums = []
+    for values in (magnitudes, kept):
+        fraction_bits = _FIXED_POINT_BITS
+        total = int(fixed.copy_(values).sum())  # copy_ truncates toward zero: exact below 2^31
+        values.sub_(fixed).mul_(2.0**fraction_bits)  # the fractions, exact
+        total = (total << fraction_bits) + int(fixed.copy_(values).sum())
+        sums.append(
+            Fraction(total, 1 << (shift + fraction_bits))
+            if shift + fraction_bits >= 0
+            else Fraction(total << -(shift + fraction_bits))
+        )
+    return sums[0], sums[1]

@@ -224,7 +224,8 @@ class TaskArithmeticFamily(Method):
     """One member of the family, fixed by its consensus, sparsifier and defaults."""
 
     # 2: under a budget, rows that no model's allocated block covers are the base's bits.
-    version = 2
+    # 3: the L1 rescale factor comes from fixed-point sums, the same on any machine.
+    version = 3
     budgeted = True
     consensus: ClassVar[bool] = False
     sparsifier: ClassVar[Sparsifier | None] = None
@@ -299,20 +300,14 @@ class TaskArithmeticFamily(Method):
 
         def compute() -> SparseDelta:
             model = ctx.stored_model(i)
-            # The magnitude sparsifiers stream over the delta: made a block at a time, it is
-            # never whole. della's rows and the rescale's sums take it whole (made once, and
-            # the block statistics read it too).
-            rescale = bool(recipe["rescale"])
-            lazy = Difference(model, base)
-            delta = lazy.whole() if rescale or self.sparsifier == "della" else lazy
+            # The sparsifiers, the rescale's sums and the block statistics stream over the
+            # delta: made a block (or della's slice of rows) at a time, it is never whole.
+            delta = Difference(model, base)
             ctx.note_delta(i, delta)
             mask = self._mask(ctx, i, delta, density)
-            # Only the rescale factor is taken from the delta (which it uses up): the fold makes
-            # the kept delta from the mask and the expert as stored, as from a cached one.
-            factor = None
-            if rescale:
-                assert isinstance(delta, torch.Tensor)
-                factor = sparsify.rescale_factor(delta, mask)
+            # Only the rescale factor is taken from the delta: the fold makes the kept delta
+            # from the mask and the expert as stored, as from a cached one.
+            factor = sparsify.rescale_factor(delta, mask) if recipe["rescale"] else None
             return SparseDelta(mask, model, factor)
 
         return _Kept(ctx.expert_work(i, recipe, compute), base, weight)
@@ -326,7 +321,6 @@ class TaskArithmeticFamily(Method):
             return sparsify.magnitude_outliers(delta, density, float(ctx.model_param(i, "gamma")))
         if self.sparsifier == "random":
             return ctx.keep_mask(i, density)
-        assert isinstance(delta, torch.Tensor)
         uniforms = functools.partial(ctx.uniform, i)
         return sparsify.della(delta, uniforms, density, float(ctx.model_param(i, "epsilon")))
 

@@ -128,6 +128,37 @@ def resolve(case: Case, model: int | None, key: str, name: str, t: float) -> Any
     return _DEFAULTS[key]
 
 
+#: Methods that L1-rescale kept deltas unless told otherwise.
+_RESCALED_BY_DEFAULT = ("dare_ties", "dare_linear", "della", "della_linear")
+
+
+def rescale_slack(
+    case: Case, name: str, base: torch.Tensor, experts: list[torch.Tensor], num_layers: int
+) -> torch.Tensor | None:
+    """For a case that L1-rescales: per element, how far the two tools may drift apart
+    because their rescale factors round differently, else None.
+
+    mergebuild sums the norms exactly and rounds the ratio once; mergekit sums them in
+    float32, in an order that depends on the thread count, a few ulps off the exact sums.
+    The factors may then differ in their last places, which moves each rescaled delta by
+    that many ulps of itself, and `base + sum` rounds once more. The slack is four ulps
+    (float32) of |base| plus the weighted deltas' magnitudes times 1/density (a bound on
+    the factor for these cases' densities)."""
+    if not bool(case.parameters.get("rescale", case.method in _RESCALED_BY_DEFAULT)):
+        return None
+    if not base.is_floating_point():
+        return None
+    t = layer_t(case.family, name, num_layers)
+    b = base.float()
+    moved = torch.zeros_like(b)
+    for i, expert in enumerate(experts):
+        weight = abs(float(resolve(case, i, "weight", name, t)))
+        density = float(resolve(case, i, "density", name, t))
+        moved += (expert.float() - b).abs() * (weight / density)
+    scale = b.abs() + moved
+    return 4 * (torch.nextafter(scale, torch.tensor(float("inf"))) - scale)
+
+
 def ambiguous_elements(
     case: Case,
     name: str,
