@@ -263,7 +263,7 @@ def reference_della(
 
 def rescaled(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`delta * mask` rescaled by sparsify.rescale_factor, as the task-arithmetic family applies it."""
-    factor = sparsify.rescale_factor(delta.clone(), mask)
+    factor = sparsify.rescale_factor(delta, mask)
     kept = keep_in_place(delta.clone(), mask)
     return kept if factor is None else kept.mul_(factor)
 
