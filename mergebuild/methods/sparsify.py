@@ -350,7 +350,8 @@ def _stable_order(keys: torch.Tensor) -> torch.Tensor:
 
 def rescale_factor(delta: torch.Tensor | Difference, mask: torch.Tensor) -> torch.Tensor | None:
     """The factor that gives the kept delta (`delta * mask`) the L1 norm `delta` had (float32,
-    0-d, on the delta's device; None when either norm is below 1e-7: no rescale).
+    0-d, on the delta's device; None when either norm is below 1e-7: no rescale; NaN when
+    the delta is not finite).
 
     The norms are summed in fixed point (see `_fixed_point_sums`), so the factor's bits do not
     depend on the thread count, the CPU's vector width or the device, as a float sum's do.
@@ -372,8 +373,11 @@ def rescale_factor(delta: torch.Tensor | Difference, mask: torch.Tensor) -> torc
             flat_delta.part(part, out=values)
         else:
             values.copy_(flat_delta[part])
-        total, kept_total = _fixed_point_sums(values.abs_(), flat_mask[part], kept, fixed)
-        before, after = before + total, after + kept_total
+        sums = _fixed_point_sums(values.abs_(), flat_mask[part], kept, fixed)
+        if sums is None:
+            # An overflowed delta: a NaN factor makes the merged tensor fail its finite check.
+            return torch.tensor(math.nan, dtype=torch.float32, device=delta.device)
+        before, after = before + sums[0], after + sums[1]
     if before < 1e-7 or after < 1e-7:
         return None
     return torch.tensor(float(before / after), dtype=torch.float32, device=delta.device)
@@ -387,10 +391,10 @@ _SCALE_STEP = 100
 
 def _fixed_point_sums(
     magnitudes: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, fixed: torch.Tensor
-) -> tuple[Fraction, Fraction]:
-    """The sums of one block of finite non-negative float32 `magnitudes` (overwritten), all of
-    them and those where `mask`. `kept` (float32) and `fixed` (int32), the block's size, are
-    scratch.
+) -> tuple[Fraction, Fraction] | None:
+    """The sums of one block of non-negative float32 `magnitudes` (overwritten), all of them
+    and those where `mask`; None if one is infinite or NaN. `kept` (float32) and `fixed`
+    (int32), the block's size, are scratch.
 
     The block is scaled by the power of two that puts its largest element just below 2^31;
     the integer part of each value and its fraction (times 2^31) are summed as integers.
@@ -401,6 +405,8 @@ def _fixed_point_sums(
     top = float(magnitudes.max())
     if top == 0:
         return Fraction(0), Fraction(0)
+    if not math.isfinite(top):
+        return None
     shift = _FIXED_POINT_BITS - math.frexp(top)[1]
     remaining = shift
     while remaining != 0:
@@ -410,15 +416,10 @@ def _fixed_point_sums(
     # Times the mask as bytes: a float product (0 or the value), where `torch.where` would
     # cost several times as much.
     torch.mul(magnitudes, mask.view(torch.uint8), out=kept)
+    unit = Fraction(2) ** -(shift + _FIXED_POINT_BITS)
     sums = []
     for values in (magnitudes, kept):
-        fraction_bits = _FIXED_POINT_BITS
-        total = int(fixed.copy_(values).sum())  # copy_ truncates toward zero: exact below 2^31
-        values.sub_(fixed).mul_(2.0**fraction_bits)  # the fractions, exact
-        total = (total << fraction_bits) + int(fixed.copy_(values).sum())
-        sums.append(
-            Fraction(total, 1 << (shift + fraction_bits))
-            if shift + fraction_bits >= 0
-            else Fraction(total << -(shift + fraction_bits))
-        )
+        whole = int(fixed.copy_(values).sum())  # copy_ truncates toward zero: exact below 2^31
+        values.sub_(fixed).mul_(2.0**_FIXED_POINT_BITS)  # the fractions, exact
+        sums.append(((whole << _FIXED_POINT_BITS) + int(fixed.copy_(values).sum())) * unit)
     return sums[0], sums[1]

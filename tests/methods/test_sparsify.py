@@ -478,6 +478,15 @@ def test_rescale_and_della_of_a_difference_equal_those_of_the_whole_delta(
         assert torch.equal(della, reference_della(delta, uniforms, 0.5, 0.2))
 
 
+def test_rescale_factor_of_an_overflowed_delta_is_nan() -> None:
+    # bf16 extremes whose float32 difference overflows: the NaN factor makes the merged
+    # tensor fail its finite check, as it must.
+    expert = torch.tensor([3e38, 1.0, -2.0]).to(torch.bfloat16)
+    base = torch.tensor([-3e38, 0.5, 0.0])
+    factor = sparsify.rescale_factor(Difference(expert, base), torch.tensor([True, False, True]))
+    assert factor is not None and math.isnan(float(factor))
+
+
 def test_rescale_factor_does_not_depend_on_the_thread_count() -> None:
     # Big enough that torch splits a float sum between threads (and then rounds differently).
     g = torch.Generator().manual_seed(5)
