@@ -33,7 +33,7 @@ from mergebuild.errors import ExecutionError, InputError
 from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_key, node_record
 from mergebuild.methods import sparse_delta
 from mergebuild.methods.base import Scalar
-from mergebuild.methods.sparse_delta import Difference, SparseDelta
+from mergebuild.methods.sparse_delta import Difference, SparseDelta, flat_part
 from mergebuild.plan import HOLD_BYTES, Blocks, NodePlan, TargetPlan
 from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor, read_bytes
 from mergebuild.tensor_checks import all_finite
@@ -873,7 +873,7 @@ def block_stats(delta: torch.Tensor | Difference, grid: BlockGrid) -> list[tuple
     result = []
     for start, end in grid.ranges():
         part = slice(start * row_size, end * row_size)
-        block = delta.part(part) if isinstance(delta, Difference) else delta.reshape(-1)[part]
+        block = flat_part(delta, part)
         if block.numel() == 0:
             result.append((0.0, 0.0))
             continue

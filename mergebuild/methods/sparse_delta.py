@@ -92,6 +92,15 @@ class Difference:
         return difference(self.expert, self.base)
 
 
+def flat_part(x: torch.Tensor | Difference, part: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat elements `part` of `x`: of a tensor a view, of a `Difference` made; written into
+    `out` (their size) when given."""
+    if isinstance(x, Difference):
+        return x.part(part, out)
+    view = x.reshape(-1)[part]
+    return view if out is None else out.copy_(view)
+
+
 def keep_in_place(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`values * mask` written over float `values`, up to the sign of the zeros: a dropped
     element is +0.0 (no sum that starts at +0.0 tells the two apart). `values.mul_(mask)`

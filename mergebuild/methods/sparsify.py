@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mergebuild.methods.sparse_delta import Difference
+from mergebuild.methods.sparse_delta import Difference, flat_part
 
 #: Dtypes whose values convert to float32 exactly (so float32 keys order them).
 _KEYED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,8 +81,9 @@ class _Keys:
         self.buf = torch.empty(size, dtype=torch.int32, device=x.device)
         self.aux = torch.empty(0 if absolute else size, dtype=torch.int32, device=x.device)
         # Where a block is converted to float32 (or, of a Difference, made).
-        made = isinstance(x, Difference) or x.dtype != torch.float32
-        self.f32 = torch.empty(size if made else 0, dtype=torch.float32, device=x.device)
+        self.f32 = None
+        if isinstance(x, Difference) or x.dtype != torch.float32:
+            self.f32 = torch.empty(size, dtype=torch.float32, device=x.device)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start, keys of flat elements start .. start + len(keys) - 1); the keys
@@ -90,12 +91,7 @@ class _Keys:
         for lo in range(0, self.n, _BLOCK):
             part = slice(lo, min(lo + _BLOCK, self.n))
             m = part.stop - lo
-            if isinstance(self.source, Difference):
-                src = self.source.part(part, self.f32[:m])
-            else:
-                src = self.source.reshape(-1)[part]
-                if src.dtype != torch.float32:
-                    src = self.f32[:m].copy_(src)
+            src = flat_part(self.source, part, self.f32[:m] if self.f32 is not None else None)
             bits, keys = src.view(torch.int32), self.buf[:m]
             if self.absolute:
                 torch.bitwise_and(bits, 0x7FFFFFFF, out=keys)
@@ -298,13 +294,10 @@ def della(
     # slice's size, and a `Difference` is made a slice at a time, never whole.
     row_size = math.prod(shape[1:])
     step = max(1, _BLOCK // max(1, row_size))
-    flat_delta = delta if isinstance(delta, Difference) else delta.reshape(-1)
     for start in range(0, shape[0], step):
         stop = min(start + step, shape[0])
         part = slice(start * row_size, stop * row_size)
-        rows = (flat_delta.part(part) if isinstance(flat_delta, Difference) else flat_delta[part]).reshape(
-            (stop - start, *shape[1:])
-        )
+        rows = flat_part(delta, part).reshape((stop - start, *shape[1:]))
         keep[start:stop] = _della_rows(rows, uniforms(part).reshape(rows.shape), density, epsilon)
     return keep.reshape(delta.shape)
 
@@ -363,17 +356,12 @@ def rescale_factor(delta: torch.Tensor | Difference, mask: torch.Tensor) -> torc
         torch.empty(size, dtype=torch.float32, device=delta.device),
         torch.empty(size, dtype=torch.int32, device=delta.device),
     )
-    flat_delta = delta if isinstance(delta, Difference) else delta.reshape(-1)
     flat_mask = mask.reshape(-1)
     before = after = Fraction(0)
     for start in range(0, n, _BLOCK):
         part = slice(start, min(start + _BLOCK, n))
         values, kept, fixed = (buffer[: part.stop - part.start] for buffer in scratch)
-        if isinstance(flat_delta, Difference):
-            flat_delta.part(part, out=values)
-        else:
-            values.copy_(flat_delta[part])
-        sums = _fixed_point_sums(values.abs_(), flat_mask[part], kept, fixed)
+        sums = _fixed_point_sums(flat_part(delta, part, values).abs_(), flat_mask[part], kept, fixed)
         if sums is None:
             # An overflowed delta: a NaN factor makes the merged tensor fail its finite check.
             return torch.tensor(math.nan, dtype=torch.float32, device=delta.device)
