@@ -6,6 +6,7 @@ import torch
 
 from mergebuild.errors import InputError
 from mergebuild.methods.base import Method, ParamSpec, TensorContext
+from mergebuild.methods.fixed_point import row_dots, row_norms, row_sums
 
 #: Norm products are clamped to at least this before dividing.
 NORM_PRODUCT_MIN = 1e-6
@@ -18,15 +19,17 @@ def stock_ratio(offsets: list[torch.Tensor]) -> torch.Tensor:
 
     Cosines are taken along the last dimension, so flat offsets give one t and
     rows give one t per row (shape (..., 1)). t is 0 where the denominator
-    vanishes: no finite estimate exists there, and mergekit keeps the base.
+    vanishes: no finite estimate exists there, and mergekit keeps the base. Norms, dot
+    products and the mean are fixed-point sums (`fixed_point`): the same bits on any
+    thread count or device.
     """
     cosines = []
     for i, first in enumerate(offsets):
         for second in offsets[i + 1 :]:
-            norms = torch.linalg.vector_norm(first, dim=-1) * torch.linalg.vector_norm(second, dim=-1)
-            dot = (first * second).sum(dim=-1)
+            norms = row_norms(first).float() * row_norms(second).float()
+            dot = row_dots(first, second).float()
             cosines.append((dot / norms.clamp(min=NORM_PRODUCT_MIN)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    cos = (row_sums(torch.stack(cosines, dim=-1)) / len(cosines)).float().unsqueeze(-1)
     k = len(offsets)
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < SINGULAR_EPS
@@ -47,6 +50,8 @@ class ModelStock(Method):
     """
 
     name = "model_stock"
+    # 2: norms, dot products and energies are fixed-point sums, the same on any machine.
+    version = 2
     base_policy = "required"
     min_models = 2
     params = (ParamSpec("filter_wise", bool, "method", default=False),)

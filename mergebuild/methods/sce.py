@@ -13,6 +13,7 @@ import torch
 
 from mergebuild.methods import sparsify
 from mergebuild.methods.base import INT8_MASK, Method, ParamSpec, TensorContext
+from mergebuild.methods.fixed_point import row_dots, row_sums
 
 #: Below this total, the per-model weights are uniform instead of normalized.
 WEIGHT_SUM_EPS = 1e-6
@@ -39,9 +40,13 @@ def select_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def model_weights(deltas: torch.Tensor) -> torch.Tensor:
-    """Each model's mean squared delta over the sum of them (uniform if that is ~0)."""
-    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
-    total = float(energy.sum())
+    """Each model's mean squared delta over the sum of them (uniform if that is ~0).
+
+    The squares are summed in fixed point (`fixed_point`), so the weights' bits do not
+    depend on the thread count or device."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    energy = (row_dots(flat, flat) / max(flat.shape[1], 1)).float()
+    total = float(row_sums(energy))
     if abs(total) < WEIGHT_SUM_EPS:
         return torch.full_like(energy, 1.0 / energy.shape[0])
     return energy / total
@@ -64,6 +69,8 @@ class Sce(Method):
     """
 
     name = "sce"
+    # 2: norms, dot products and energies are fixed-point sums, the same on any machine.
+    version = 2
     base_policy = "required"
     min_models = 1
     params = (

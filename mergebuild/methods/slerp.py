@@ -8,43 +8,31 @@ import torch
 
 from mergebuild.methods.base import WEIGHT, Method, ParamSpec, TensorContext
 from mergebuild.methods.common import require_models, sole_input
+from mergebuild.methods.fixed_point import row_dots, row_norms
 
 #: slerp falls back to lerp when the tensors are this close to (anti)parallel.
 SLERP_DOT_THRESHOLD = 0.9995
 #: slerp treats a norm at or below this as zero (the tensor is left unscaled).
 SLERP_NORM_EPS = 1e-8
-#: slerp accumulates norms and dot products over chunks of this many elements.
-SLERP_CHUNK = 1024 * 1024
 #: nuslerp clamps vector norms to at least this before normalizing.
 NUSLERP_NORM_EPS = 1e-7
 #: nuslerp lerps where 1 - cos^2 is at most this (float32 makes it cos = ±1).
 NUSLERP_COLINEAR_EPS = 1e-8**2
 
 
-def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
-    """Consecutive views of flat `x`, SLERP_CHUNK elements each."""
-    return list(x.split(SLERP_CHUNK))
-
-
 def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The pair (c_a, c_b) with slerp(a, b, t) = c_a a + c_b b, for flat a and b.
 
-    They depend only on the angle between a and b, a whole-tensor statistic.
-    Norms and the dot product are accumulated over chunks of SLERP_CHUNK
-    elements and then combined, the order mergekit sums in, so that large
-    tensors round the same way (a one-pass float32 norm of millions of
-    elements differs in its last digits).
+    They depend only on the angle between a and b, a whole-tensor statistic. Its
+    norms and dot product are fixed-point sums (`fixed_point`), so the coefficients'
+    bits do not depend on the thread count or device, as a float32 sum's would.
     """
     t32 = torch.tensor(t, dtype=torch.float32)
-    chunks_a, chunks_b = _chunks(a), _chunks(b)
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in chunks_a]))
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in chunks_b]))
     # A (near) zero tensor is used as is; its cosine with anything is ~0.
-    norm_a = torch.where(norm_a > SLERP_NORM_EPS, norm_a, torch.ones_like(norm_a))
-    norm_b = torch.where(norm_b > SLERP_NORM_EPS, norm_b, torch.ones_like(norm_b))
-    # Normalize before multiplying so the dot product cannot overflow.
-    parts = [((x / norm_a) * (y / norm_b)).sum() for x, y in zip(chunks_a, chunks_b, strict=True)]
-    cos = torch.stack(parts).sum().clamp(-1, 1)
+    scale = 1.0
+    for norm in (float(row_norms(a)), float(row_norms(b))):
+        scale *= norm if norm > SLERP_NORM_EPS else 1.0
+    cos = torch.tensor(float(row_dots(a, b)) / scale, dtype=torch.float32).clamp(-1, 1)
     if cos.abs() > SLERP_DOT_THRESHOLD:
         return 1 - t32, t32
     theta = torch.acos(cos)
@@ -65,6 +53,8 @@ class Slerp(Method):
     """
 
     name = "slerp"
+    # 2: norms, dot products and energies are fixed-point sums, the same on any machine.
+    version = 2
     base_policy = "required"
     min_models = 1
     max_models = 1
@@ -89,7 +79,8 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatte
 
     With `flatten` the whole tensor is one vector; otherwise each vector along the
     last dimension, or with `row_wise` along the first, is interpolated alone.
-    Unlike `slerp`, exactly (anti)parallel vectors are the only lerp case.
+    Unlike `slerp`, exactly (anti)parallel vectors are the only lerp case. Norms and
+    cosines are fixed-point sums (`fixed_point`): their bits do not depend on threads.
     """
     shape = v0.shape
     if flatten or v0.dim() == 0:
@@ -98,9 +89,9 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatte
         x0, x1 = v0.transpose(0, -1), v1.transpose(0, -1)
     else:
         x0, x1 = v0, v1
-    u0 = x0 / torch.linalg.vector_norm(x0, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
-    u1 = x1 / torch.linalg.vector_norm(x1, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
-    cos = (u0 * u1).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    u0 = x0 / _vector_norms(x0).clamp(min=NUSLERP_NORM_EPS)
+    u1 = x1 / _vector_norms(x1).clamp(min=NUSLERP_NORM_EPS)
+    cos = row_dots(u0, u1).float().unsqueeze(-1).clamp(-1, 1)
     colinear = (1 - cos.square()) <= NUSLERP_COLINEAR_EPS
     # acos(±1) = 0 or pi would divide by sin = 0 below; the lerp replaces those.
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
@@ -109,6 +100,11 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatte
     if row_wise and not flatten and v0.dim() > 0:
         out = out.transpose(0, -1)
     return out.reshape(shape)
+
+
+def _vector_norms(x: torch.Tensor) -> torch.Tensor:
+    """float32 norms along the last dimension, keeping it (fixed-point sums)."""
+    return row_norms(x).float().unsqueeze(-1)
 
 
 class NuSlerp(Method):
@@ -125,6 +121,8 @@ class NuSlerp(Method):
     """
 
     name = "nuslerp"
+    # 2: norms, dot products and energies are fixed-point sums, the same on any machine.
+    version = 2
     base_policy = "optional"
     min_models = 2
     max_models = 2

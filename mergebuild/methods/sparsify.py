@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from mergebuild.methods.fixed_point import masked_sums
 from mergebuild.methods.sparse_delta import Difference, flat_part
 
 #: Dtypes whose values convert to float32 exactly (so float32 keys order them).
@@ -346,7 +347,7 @@ def rescale_factor(delta: torch.Tensor | Difference, mask: torch.Tensor) -> torc
     0-d, on the delta's device; None when either norm is below 1e-7: no rescale; NaN when
     the delta is not finite).
 
-    The norms are summed in fixed point (see `_fixed_point_sums`), so the factor's bits do not
+    The norms are summed in fixed point (`fixed_point.masked_sums`), so the factor's bits do not
     depend on the thread count, the CPU's vector width or the device, as a float sum's do.
     The delta is read `_BLOCK` elements at a time: a `Difference` is never made whole."""
     n = delta.numel()
@@ -361,7 +362,7 @@ def rescale_factor(delta: torch.Tensor | Difference, mask: torch.Tensor) -> torc
     for start in range(0, n, _BLOCK):
         part = slice(start, min(start + _BLOCK, n))
         values, kept, fixed = (buffer[: part.stop - part.start] for buffer in scratch)
-        sums = _fixed_point_sums(flat_part(delta, part, values).abs_(), flat_mask[part], kept, fixed)
+        sums = masked_sums(flat_part(delta, part, values).abs_(), flat_mask[part], kept, fixed)
         if sums is None:
             # An overflowed delta: a NaN factor makes the merged tensor fail its finite check.
             return torch.tensor(math.nan, dtype=torch.float32, device=delta.device)
@@ -369,45 +370,3 @@ def rescale_factor(delta: torch.Tensor | Difference, mask: torch.Tensor) -> torc
     if before < 1e-7 or after < 1e-7:
         return None
     return torch.tensor(float(before / after), dtype=torch.float32, device=delta.device)
-
-
-#: Bits of each fixed-point part of a magnitude (an int32 holds it).
-_FIXED_POINT_BITS = 31
-#: The largest power of two scaled by at once (2^100 is a normal float32).
-_SCALE_STEP = 100
-
-
-def _fixed_point_sums(
-    magnitudes: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, fixed: torch.Tensor
-) -> tuple[Fraction, Fraction] | None:
-    """The sums of one block of non-negative float32 `magnitudes` (overwritten), all of them
-    and those where `mask`; None if one is infinite or NaN. `kept` (float32) and `fixed`
-    (int32), the block's size, are scratch.
-
-    The block is scaled by the power of two that puts its largest element just below 2^31;
-    the integer part of each value and its fraction (times 2^31) are summed as integers.
-    Scaling by a power of two, splitting and truncating are exact, and integer sums do not
-    depend on their order: the sums are the same on every thread count, vector width and
-    device. They are exact but for elements below 2^-38 of the block's largest, whose last
-    bits go."""
-    top = float(magnitudes.max())
-    if top == 0:
-        return Fraction(0), Fraction(0)
-    if not math.isfinite(top):
-        return None
-    shift = _FIXED_POINT_BITS - math.frexp(top)[1]
-    remaining = shift
-    while remaining != 0:
-        step = max(-_SCALE_STEP, min(_SCALE_STEP, remaining))
-        magnitudes.mul_(2.0**step)
-        remaining -= step
-    # Times the mask as bytes: a float product (0 or the value), where `torch.where` would
-    # cost several times as much.
-    torch.mul(magnitudes, mask.view(torch.uint8), out=kept)
-    unit = Fraction(2) ** -(shift + _FIXED_POINT_BITS)
-    sums = []
-    for values in (magnitudes, kept):
-        whole = int(fixed.copy_(values).sum())  # copy_ truncates toward zero: exact below 2^31
-        values.sub_(fixed).mul_(2.0**_FIXED_POINT_BITS)  # the fractions, exact
-        sums.append(((whole << _FIXED_POINT_BITS) + int(fixed.copy_(values).sum())) * unit)
-    return sums[0], sums[1]

@@ -1,7 +1,8 @@
 """Weighted means on the hypersphere of many tensors: multislerp and karcher (mergekit 0.1.5).
 
 Both hold every input at once: the mean direction must be known before any
-input can be projected against it.
+input can be projected against it. Their norms and dot products are fixed-point
+sums (`fixed_point`), whose bits do not depend on the thread count or device.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from mergebuild.errors import InputError
 from mergebuild.methods.base import WEIGHT, Method, ParamSpec, Scalar, TensorContext
 from mergebuild.methods.common import require_models
+from mergebuild.methods.fixed_point import row_dots, row_norms, row_sums
 
 _NONNEGATIVE = (0.0, math.inf, True, False)
 
@@ -41,6 +43,8 @@ class MultiSlerp(Method):
     """
 
     name = "multislerp"
+    # 2: norms, dot products and energies are fixed-point sums, the same on any machine.
+    version = 2
     base_policy = "optional"
     min_models = 1
     params = (
@@ -75,13 +79,13 @@ class MultiSlerp(Method):
             device=rows.device,
         )
         if ctx.param("normalize_weights"):
-            weights = weights / weights.sum()
+            weights = weights / row_sums(weights).float()
         column = weights.unsqueeze(-1)
 
-        norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+        norms = row_norms(rows).float().unsqueeze(-1)
         units = rows / (norms + eps)
         pole = (units * column).sum(dim=0)
-        pole_norm = torch.linalg.vector_norm(pole)
+        pole_norm = row_norms(pole).float()
         if pole_norm < eps:
             # No mean direction: fall back to the weighted sum of the deltas.
             out = rows[0] * weights[0]
@@ -90,11 +94,11 @@ class MultiSlerp(Method):
         else:
             pole = pole / pole_norm
             # Project onto the tangent plane at the pole and average there.
-            along = (units * pole).sum(dim=-1, keepdim=True)
+            along = row_dots(units, pole.expand_as(units)).float().unsqueeze(-1)
             tangent = ((units - along * pole) * column).sum(dim=0)
-            length = torch.linalg.vector_norm(tangent) + eps
+            length = row_norms(tangent).float() + eps
             direction = pole * torch.cos(length) + tangent * (torch.sin(length) / length)
-            out = direction * (norms.squeeze(-1) * weights).sum()
+            out = direction * row_sums(norms.squeeze(-1) * weights).float()
         out = out.reshape(ctx.shape)
         return out if base is None else out + base
 
@@ -117,6 +121,8 @@ class Karcher(Method):
     """
 
     name = "karcher"
+    # 2: norms, dot products and energies are fixed-point sums, the same on any machine.
+    version = 2
     base_policy = "optional"
     min_models = 1
     params = (
@@ -137,7 +143,7 @@ class Karcher(Method):
         kept: list[torch.Tensor] = []
         for i in range(count):
             x = ctx.model(i) if i < ctx.num_models else ctx.base()
-            norm = torch.linalg.vector_norm(x)
+            norm = row_norms(x.reshape(-1)).float()
             norms.append(norm)
             if float(norm) > tol:
                 kept.append(x / norm)
@@ -159,23 +165,23 @@ def _karcher_direction(units: list[torch.Tensor], share: float, max_iter: int, t
     mean = torch.zeros_like(units[0])
     for unit in units:
         mean += share * unit
-    mean_norm = torch.linalg.vector_norm(mean)
+    mean_norm = row_norms(mean.reshape(-1)).float()
     # Opposite directions cancel: start from the first one instead.
     mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
     for _ in range(max_iter):
         step = torch.zeros_like(mean)
         for unit in units:
-            cos = torch.dot(mean.reshape(-1), unit.reshape(-1)).clamp(-1.0, 1.0)
+            cos = row_dots(mean.reshape(-1), unit.reshape(-1)).float().clamp(-1.0, 1.0)
             theta = torch.arccos(cos)
             if float(theta) < tol:
                 continue
             # Log map of `unit` at `mean`: the tangent towards it, of length theta.
             step += share * (theta / torch.sin(theta)) * (unit - cos * mean)
-        step_norm = torch.linalg.vector_norm(step)
+        step_norm = row_norms(step.reshape(-1)).float()
         if float(step_norm) < tol:
             break
         mean = torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)
-        length = torch.linalg.vector_norm(mean)
+        length = row_norms(mean.reshape(-1)).float()
         if float(length) > tol:
             mean = mean / length
     return mean

@@ -175,6 +175,26 @@ def assert_ulps(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.0
     )
 
 
+def assert_as_accurate_as(
+    actual: torch.Tensor, oracle: torch.Tensor, reference: torch.Tensor, scale: float, ulps: float = 4
+) -> None:
+    """Each element of `actual` is as close to the float64 `reference` as the oracle's is, up to
+    a few float32 ulps of the inputs' `scale` (each result's own last roundings).
+
+    For methods whose whole-tensor statistics mergebuild sums exactly and mergekit in
+    float32: their outputs differ by mergekit's rounding, so neither equals the other to an
+    ulp, but mergebuild's must not be the less accurate."""
+    reference = reference.double()
+    ours = (actual.double() - reference).abs()
+    theirs = (oracle.double() - reference).abs()
+    allowed = theirs + ulps * F32_EPS * scale
+    worst = int(torch.argmax(ours - allowed))
+    assert bool((ours <= allowed).all()), (
+        f"flat index {worst}: off the float64 result by {ours.reshape(-1)[worst]:.3g}, "
+        f"mergekit by {theirs.reshape(-1)[worst]:.3g}"
+    )
+
+
 def scale_of(*tensors: torch.Tensor | None) -> float:
     """The largest magnitude among the given tensors (for `assert_ulps`)."""
     return max(float(t.abs().max()) for t in tensors if t is not None and t.numel())
