@@ -515,6 +515,14 @@ class _Context:
             self._stored_base = None
         return self._base
 
+    def stored_base(self) -> torch.Tensor:
+        assert self._node.base is not None, "method asked for a base the spec does not have"
+        if self._stored_base is None:
+            self._stored_base = self._reader.read(self._node.base)
+        stored = self._stored_base if self._rows is None else self._stored_base[slice(*self._rows)]
+        self._base = _finite(_to_device(stored, self.device), self._node.base)
+        return self._base
+
     def model(self, i: int) -> torch.Tensor:
         return self.stored_model(i).to(torch.float32)
 
@@ -554,7 +562,7 @@ class _Context:
         ranges = self._reader.grid(info).ranges()
         whole = sum(ranges[b][1] - ranges[b][0] for b in blocks) == (base.shape[0] if base.dim() else 1)
         # Rows the blocks do not cover are the base's; when they cover all, nothing to copy.
-        tensor = torch.empty_like(base) if whole else base.clone()
+        tensor = torch.empty_like(base, dtype=torch.float32) if whole else base.to(torch.float32, copy=True)
         rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() else tensor.reshape(1, 1)
         for b in blocks:
             start, end = ranges[b]

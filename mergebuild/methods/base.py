@@ -75,6 +75,12 @@ class TensorContext(Protocol):
         """The base tensor as float32 (reads it; call once)."""
         ...
 
+    def stored_base(self) -> torch.Tensor:
+        """The base tensor in its storage dtype, read like `base`: instead of it, not besides
+        it. The caller must not overwrite it. For a method that lets ops with a float32
+        operand promote it, so a 16-bit base is never held as float32 whole."""
+        ...
+
     def model(self, i: int) -> torch.Tensor:
         """Model i's tensor as float32 (reads it; call once per model): a tensor the caller
         owns and may overwrite."""

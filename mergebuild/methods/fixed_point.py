@@ -114,9 +114,9 @@ def masked_sums(
         step = max(-_SCALE_STEP, min(_SCALE_STEP, remaining))
         magnitudes.mul_(2.0**step)
         remaining -= step
-    # Times the mask as bytes: a float product (0 or the value), where `torch.where` would
-    # cost several times as much.
-    torch.mul(magnitudes, mask.view(torch.uint8), out=kept)
+    # The mask as 0s and 1s times the values, in `kept`: `torch.where` would cost several
+    # times as much, and a product with the bool mask would convert it into a temporary.
+    kept.copy_(mask).mul_(magnitudes)
     unit = Fraction(2) ** -(shift + PART_BITS)
     sums = []
     for values in (magnitudes, kept):

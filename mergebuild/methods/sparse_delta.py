@@ -45,18 +45,23 @@ class SparseDelta:
 
 
 def difference(expert: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`expert - base` in float32 (`base` is float32), into `out` when given.
+    """`expert - base` in float32 (either may be stored in 16 bits), into `out` when given.
 
-    A 16-bit expert is promoted exactly, as `expert.float() - base` would, but
-    `expert - base` in one call converts the whole expert to a float32
-    temporary first: this subtracts `_DIFFERENCE_CHUNK` elements at a time, so
-    the temporary is a chunk's size.
+    16-bit values are promoted exactly, as `expert.float() - base.float()` would, but
+    `expert - base` in one call converts the whole expert to a float32 temporary first:
+    this subtracts `_DIFFERENCE_CHUNK` elements at a time, so the temporary is a chunk's
+    size. Two 16-bit operands would be subtracted in 16 bits: the expert is copied into
+    `out` first, and a float32 tensor minus a 16-bit one is computed in float32.
     """
     out = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None else out
     flat_expert, flat_base, flat_out = expert.reshape(-1), base.reshape(-1), out.reshape(-1)
+    promoted = torch.float32 in (expert.dtype, base.dtype)
     for start in range(0, flat_out.numel(), _DIFFERENCE_CHUNK):
         part = slice(start, start + _DIFFERENCE_CHUNK)
-        torch.sub(flat_expert[part], flat_base[part], out=flat_out[part])
+        if promoted:
+            torch.sub(flat_expert[part], flat_base[part], out=flat_out[part])
+        else:
+            flat_out[part].copy_(flat_expert[part]).sub_(flat_base[part])
     return out
 
 
@@ -66,7 +71,7 @@ class Difference:
     time: a sparsifier that streams over the delta, or block statistics, never hold it whole."""
 
     expert: torch.Tensor  # any float dtype
-    base: torch.Tensor  # float32, the expert's shape
+    base: torch.Tensor  # any float dtype, the expert's shape
 
     @property
     def shape(self) -> torch.Size:
@@ -101,11 +106,19 @@ def flat_part(x: torch.Tensor | Difference, part: slice, out: torch.Tensor | Non
     return view if out is None else out.copy_(view)
 
 
-def keep_in_place(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`values * mask` written over float `values`, up to the sign of the zeros: a dropped
-    element is +0.0 (no sum that starts at +0.0 tells the two apart). `values.mul_(mask)`
-    would first convert the whole bool mask to a float temporary of the values' size."""
-    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device), out=values)
+def keep_in_place(
+    values: torch.Tensor, mask: torch.Tensor, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`values * mask` written over float `values` (a dropped element is +0.0 or -0.0, which
+    no sum that starts at +0.0 tells apart; an infinite value dropped is NaN, which fails
+    the merged tensor's finite check).
+
+    The mask is converted to 0s and 1s in `scratch` (float, the values' size; made when not
+    given) and multiplied: `torch.where(mask, values, 0)` costs 6 to 9 times as much per
+    element, and `values.mul_(mask)` converts into a temporary on every call, whose sizes
+    glibc's heap keeps (0.3 GiB more peak RSS on a 619M x 8 ties merge)."""
+    keep = torch.empty_like(values) if scratch is None else scratch
+    return values.mul_(keep.copy_(mask))
 
 
 def kept_delta(
@@ -114,10 +127,12 @@ def kept_delta(
     base: torch.Tensor,
     factor: torch.Tensor | None,
     out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(expert - base) * mask, times the rescale factor, into `out` when given: the one
-    expression both paths use, elementwise, so the bits of a chunk are the whole tensor's."""
-    kept = keep_in_place(difference(expert, base, out), mask)
+    """(expert - base) * mask, times the rescale factor, into `out` when given (`scratch`, the
+    same size, for `keep_in_place`): the one expression both paths use, elementwise, so the
+    bits of a chunk are the whole tensor's."""
+    kept = keep_in_place(difference(expert, base, out), mask, scratch)
     return kept.mul_(factor) if factor is not None else kept
 
 

@@ -65,12 +65,13 @@ class _Kept:
     base: torch.Tensor
     weight: torch.Tensor
 
-    def chunk(self, part: slice, out: torch.Tensor) -> torch.Tensor:
-        """Flat elements `part` of the weighted kept delta, written to `out` (their size).
-        `kept_delta` is elementwise, so the bits are the whole tensor's."""
+    def chunk(self, part: slice, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """Flat elements `part` of the weighted kept delta, written to `out` (their size;
+        `scratch` too). `kept_delta` is elementwise, so the bits are the whole tensor's."""
         sparse = self.sparse
         expert, mask = sparse.expert.reshape(-1)[part], sparse.mask.reshape(-1)[part]
-        return kept_delta(mask, expert, self.base.reshape(-1)[part], sparse.factor, out).mul_(self.weight)
+        base = self.base.reshape(-1)[part]
+        return kept_delta(mask, expert, base, sparse.factor, out, scratch).mul_(self.weight)
 
 
 class _Fold:
@@ -127,7 +128,10 @@ class _Fold:
                 chunk = dense[part]
             else:
                 assert isinstance(weighted, _Kept)
-                chunk = weighted.chunk(part, self._buffer("kept", like)[: part.stop - part.start])
+                size = part.stop - part.start
+                # The scratch buffer is free again before `_add_chunk` clamps into it.
+                kept, scratch = self._buffer("kept", like)[:size], self._buffer("scratch", like)[:size]
+                chunk = weighted.chunk(part, kept, scratch)
             self._add_chunk(i, part, chunk, first)
 
     def _buffer(self, name: Literal["kept", "scratch"], like: torch.Tensor) -> torch.Tensor:
@@ -180,7 +184,8 @@ class _Fold:
         the models it kept per element (0 replaced by 1), used by `normalize`. With no
         model folded in: zeros like `like` (and a divisor of ones, as no model was kept)."""
         if self.total is None:
-            return torch.zeros_like(like), torch.ones_like(like) if self.track_weights else None
+            zeros = torch.zeros_like(like, dtype=torch.float32)
+            return zeros, torch.ones_like(zeros) if self.track_weights else None
         if not self.consensus:
             return self.total, None
         assert self.pos is not None and self.neg is not None
@@ -325,9 +330,11 @@ class TaskArithmeticFamily(Method):
         return sparsify.della(delta, uniforms, density, float(ctx.model_param(i, "epsilon")))
 
     def merge(self, ctx: TensorContext) -> torch.Tensor:
-        base = ctx.base()
         if ctx.num_models == 0:
-            return base
+            return ctx.base()
+        # The base stays as stored: every use promotes it a chunk at a time (a float32 copy
+        # of a 16-bit base would hold 2 more bytes per element for the whole merge).
+        base = ctx.stored_base()
         weights = [float(ctx.model_param(i, "weight")) for i in range(ctx.num_models)]
         normalize = bool(ctx.param("normalize"))
         fold = _Fold(self.consensus, weights, track_weights=normalize)

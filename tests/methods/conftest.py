@@ -77,6 +77,10 @@ class FakeContext:
         assert self._base is not None, "base() without a base"
         return self._read("base", self._base)
 
+    def stored_base(self) -> torch.Tensor:
+        assert self._base is not None, "stored_base() without a base"
+        return self._read("base", self._base, stored=True)
+
     def model(self, i: int) -> torch.Tensor:
         return self._read(f"model{i}", self._models[i])
 

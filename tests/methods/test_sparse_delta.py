@@ -95,3 +95,31 @@ def test_coding_in_chunks_gives_the_blob_of_one_pass(
     back = decode(chunked, base)
     assert torch.equal(back.mask, mask)
     assert torch.equal(back.expert[mask].to(torch.float32), expert[mask].to(torch.float32))
+
+
+@pytest.mark.parametrize(
+    ("expert_dtype", "base_dtype"),
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float32),
+    ],
+)
+def test_difference_is_float32_arithmetic_whatever_the_storage_dtypes(
+    expert_dtype: torch.dtype, base_dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 1000, generator=gen)
+    expert = base + torch.randn(3, 1000, generator=gen) * 1e-3
+    expert, base = expert.to(expert_dtype), base.to(base_dtype)
+    want = expert.float() - base.float()
+    if expert_dtype == base_dtype != torch.float32:
+        # Subtracted in their own 16-bit dtype, most of these would round.
+        assert not torch.equal((expert - base).float(), want)
+    assert torch.equal(sparse_delta.difference(expert, base), want)
+    assert torch.equal(
+        sparse_delta.Difference(expert, base).part(slice(100, 2100)), want.reshape(-1)[100:2100]
+    )
