@@ -504,11 +504,9 @@ class _Context:
         self._stored_base = stored_base
 
     def base(self) -> torch.Tensor:
-        assert self._node.base is not None, "method asked for a base the spec does not have"
-        if self._stored_base is None:
-            self._stored_base = self._reader.read(self._node.base)
-        stored = self._stored_base if self._rows is None else self._stored_base[slice(*self._rows)]
-        self._base = _finite(_to_device(stored, self.device).to(torch.float32), self._node.base)
+        self._base = _finite(
+            _to_device(self._base_as_stored(), self.device).to(torch.float32), self._node.base
+        )
         if self._rows is None and self._base.device == _CPU:
             # The float32 base holds the stored values exactly, and blobs can be coded against
             # it (`_coding_base`): the stored copy need not stay alive beside it.
@@ -516,12 +514,18 @@ class _Context:
         return self._base
 
     def stored_base(self) -> torch.Tensor:
+        stored = self._base_as_stored()
+        if stored.element_size() != 2:
+            return self.base()
+        self._base = _finite(_to_device(stored, self.device), self._node.base)
+        return self._base
+
+    def _base_as_stored(self) -> torch.Tensor:
+        """The base (its rows, for a row range) as stored, on the host, read once."""
         assert self._node.base is not None, "method asked for a base the spec does not have"
         if self._stored_base is None:
             self._stored_base = self._reader.read(self._node.base)
-        stored = self._stored_base if self._rows is None else self._stored_base[slice(*self._rows)]
-        self._base = _finite(_to_device(stored, self.device), self._node.base)
-        return self._base
+        return self._stored_base if self._rows is None else self._stored_base[slice(*self._rows)]
 
     def model(self, i: int) -> torch.Tensor:
         return self.stored_model(i).to(torch.float32)

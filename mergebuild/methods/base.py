@@ -76,9 +76,10 @@ class TensorContext(Protocol):
         ...
 
     def stored_base(self) -> torch.Tensor:
-        """The base tensor in its storage dtype, read like `base`: instead of it, not besides
-        it. The caller must not overwrite it. For a method that lets ops with a float32
-        operand promote it, so a 16-bit base is never held as float32 whole."""
+        """The base tensor as stored when that is a 16-bit float, else as float32 (as `base`);
+        read like `base`: instead of it, not besides it. The caller must not overwrite it.
+        For a method whose ops with a float32 operand promote it (exactly), so that a 16-bit
+        base is never held as float32 whole."""
         ...
 
     def model(self, i: int) -> torch.Tensor:

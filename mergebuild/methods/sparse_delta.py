@@ -45,7 +45,8 @@ class SparseDelta:
 
 
 def difference(expert: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`expert - base` in float32 (either may be stored in 16 bits), into `out` when given.
+    """`expert - base` into float32 `out` (made when not given); `base` is float32 or a
+    16-bit float.
 
     16-bit values are promoted exactly, as `expert.float() - base.float()` would, but
     `expert - base` in one call converts the whole expert to a float32 temporary first:
@@ -55,13 +56,13 @@ def difference(expert: torch.Tensor, base: torch.Tensor, out: torch.Tensor | Non
     """
     out = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None else out
     flat_expert, flat_base, flat_out = expert.reshape(-1), base.reshape(-1), out.reshape(-1)
-    promoted = torch.float32 in (expert.dtype, base.dtype)
+    both_16_bit = expert.element_size() == 2 and base.element_size() == 2
     for start in range(0, flat_out.numel(), _DIFFERENCE_CHUNK):
         part = slice(start, start + _DIFFERENCE_CHUNK)
-        if promoted:
-            torch.sub(flat_expert[part], flat_base[part], out=flat_out[part])
-        else:
+        if both_16_bit:
             flat_out[part].copy_(flat_expert[part]).sub_(flat_base[part])
+        else:
+            torch.sub(flat_expert[part], flat_base[part], out=flat_out[part])
     return out
 
 
@@ -71,7 +72,7 @@ class Difference:
     time: a sparsifier that streams over the delta, or block statistics, never hold it whole."""
 
     expert: torch.Tensor  # any float dtype
-    base: torch.Tensor  # any float dtype, the expert's shape
+    base: torch.Tensor  # float32 or a 16-bit float, the expert's shape
 
     @property
     def shape(self) -> torch.Size:

@@ -79,7 +79,7 @@ class FakeContext:
 
     def stored_base(self) -> torch.Tensor:
         assert self._base is not None, "stored_base() without a base"
-        return self._read("base", self._base, stored=True)
+        return self._read("base", self._base, stored=self._base.element_size() == 2)
 
     def model(self, i: int) -> torch.Tensor:
         return self._read(f"model{i}", self._models[i])

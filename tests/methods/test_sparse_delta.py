@@ -106,6 +106,8 @@ def test_coding_in_chunks_gives_the_blob_of_one_pass(
         (torch.bfloat16, torch.float32),
         (torch.float32, torch.bfloat16),
         (torch.float32, torch.float32),
+        (torch.float64, torch.bfloat16),
+        (torch.float64, torch.float32),
     ],
 )
 def test_difference_is_float32_arithmetic_whatever_the_storage_dtypes(
@@ -115,7 +117,9 @@ def test_difference_is_float32_arithmetic_whatever_the_storage_dtypes(
     base = torch.randn(3, 1000, generator=gen)
     expert = base + torch.randn(3, 1000, generator=gen) * 1e-3
     expert, base = expert.to(expert_dtype), base.to(base_dtype)
-    want = expert.float() - base.float()
+    # Float32 arithmetic on the exactly promoted values (a float64 expert: torch's float64
+    # subtraction, rounded once).
+    want = (expert - base.float()).float()
     if expert_dtype == base_dtype != torch.float32:
         # Subtracted in their own 16-bit dtype, most of these would round.
         assert not torch.equal((expert - base).float(), want)
