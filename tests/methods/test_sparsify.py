@@ -324,18 +324,32 @@ def tied_tensors(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = (torch.float
     return x.reshape(shape).to(draw(st.sampled_from(dtypes)))
 
 
-#: Blocks of the streaming passes: tiny ones make every tie and flip cross blocks.
-#: None: the configuration as shipped (small tensors take the kthvalue path).
-blocks = st.sampled_from([1, 2, 3, 5, 16, None])
+#: How order statistics are found for tensors of every size, in blocks of how many
+#: elements (tiny blocks make every tie and flip cross blocks): "bracket", one pass over
+#: brackets that the sample makes wide; "narrow", brackets of a few sample elements that
+#: often miss, so the radix select runs after a wasted pass; "radix", the radix select
+#: only (a GPU's path). None: the configuration as shipped (small tensors take the
+#: kthvalue path).
+blocks = st.one_of(
+    st.just(None),
+    st.tuples(st.sampled_from([1, 2, 3, 5, 16]), st.sampled_from(["bracket", "narrow", "radix"])),
+)
 
 
 @contextlib.contextmanager
-def radix_path(block: int | None) -> Iterator[None]:
-    """With a block size: the radix select for every size, in blocks of `block` elements."""
+def radix_path(block: tuple[int, str] | None) -> Iterator[None]:
+    """With a block size and a path (see `blocks`): that path for every size."""
     if block is None:
         yield
         return
-    with mock.patch.object(sparsify, "_BLOCK", block), mock.patch.object(sparsify, "_SMALL", 0):
+    size, path = block
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(sparsify, "_BLOCK", size))
+        stack.enter_context(mock.patch.object(sparsify, "_SMALL", 0))
+        if path == "narrow":
+            stack.enter_context(mock.patch.object(sparsify, "_SIGMAS", 0.0))
+        if path == "radix":
+            stack.enter_context(mock.patch.object(sparsify, "_bracketed_mask", lambda *_: None))
         yield
 
 
@@ -394,10 +408,12 @@ def test_all_equal_tensors(n: int, value: float) -> None:
     for density in (1 / n, 0.5, 1.0):
         k = max(1, int(density * n))
         assert sparsify.magnitude(delta, density).tolist() == [True] * k + [False] * (n - k)
-    with radix_path(7):
-        assert torch.equal(sparsify.magnitude(delta, 0.3), reference_magnitude(delta, 0.3))
-        lo, hi = n // 3, n - n // 4
-        assert torch.equal(sparsify.keep_rank_range(delta, lo, hi), reference_keep_rank_range(delta, lo, hi))
+    for path in ("bracket", "radix"):
+        with radix_path((7, path)):
+            assert torch.equal(sparsify.magnitude(delta, 0.3), reference_magnitude(delta, 0.3))
+            lo, hi = n // 3, n - n // 4
+            expected = reference_keep_rank_range(delta, lo, hi)
+            assert torch.equal(sparsify.keep_rank_range(delta, lo, hi), expected)
 
 
 def test_large_tensor_with_heavy_ties_spanning_blocks() -> None:
@@ -413,6 +429,37 @@ def test_large_tensor_with_heavy_ties_spanning_blocks() -> None:
             sparsify.magnitude_outliers(delta, density, 0.01),
             reference_magnitude_outliers(delta, density, 0.01),
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_large_delta_takes_one_bracketed_pass(dtype: torch.dtype) -> None:
+    # Sampled (more elements than the sample holds), over several blocks, with and without
+    # outliers: the brackets hold the ranks, so the radix select never runs.
+    g = torch.Generator().manual_seed(11)
+    n = 29 * 73_000  # about two blocks
+    base = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    expert = (base.float() + torch.randn(n, generator=g) * 0.001).to(dtype)
+    delta = Difference(expert.reshape(-1, 29), base.reshape(-1, 29))
+    whole = delta.whole()
+    with mock.patch.object(sparsify, "_select", side_effect=AssertionError("the radix select ran")):
+        for density in (0.05, 0.5, 0.9):
+            assert torch.equal(sparsify.magnitude(delta, density), reference_magnitude(whole, density))
+            assert torch.equal(
+                sparsify.magnitude_outliers(delta, density, 0.01),
+                reference_magnitude_outliers(whole, density, 0.01),
+            )
+
+
+def test_a_heavy_tie_at_the_threshold_is_resolved_by_the_radix_select() -> None:
+    # Most of the delta is exactly zero and the threshold falls among the zeros: gathering
+    # them would cost more than the radix select's passes, so that runs, with the same mask.
+    g = torch.Generator().manual_seed(12)
+    n = sparsify._BLOCK + 999
+    delta = torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
+    selects = mock.Mock(wraps=sparsify._select)
+    with mock.patch.object(sparsify, "_select", selects):
+        assert torch.equal(sparsify.magnitude(delta, 0.5), reference_magnitude(delta, 0.5))
+    assert selects.call_count == 1
 
 
 @pytest.mark.parametrize("shape", [(700, 3000), (9, 4000, 300), (5, 1 << 21)])
@@ -469,7 +516,7 @@ def test_rescale_and_della_of_a_difference_equal_those_of_the_whole_delta(
         torch.rand(delta.shape, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99)))) < 0.5
     )
     uniforms = torch.rand(delta.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    with mock.patch.object(sparsify, "_BLOCK", block or sparsify._BLOCK):
+    with mock.patch.object(sparsify, "_BLOCK", block[0] if block else sparsify._BLOCK):
         whole, streamed = sparsify.rescale_factor(delta, mask), sparsify.rescale_factor(lazy, mask)
         assert (whole is None) == (streamed is None)
         assert whole is None or torch.equal(whole, streamed)
