@@ -50,6 +50,15 @@ def _chunks(numel: int) -> Iterator[slice]:
         yield slice(start, min(start + _CLAMP_CHUNK, numel))
 
 
+def _compare(chunk: torch.Tensor, positive: bool, out: torch.Tensor) -> torch.Tensor:
+    """`chunk > 0` (or `< 0`, not `positive`) into bool `out`, both contiguous. On the host
+    numpy compares: 0.15 ns per element against 0.43 for torch with a boolean output."""
+    if chunk.device.type == "cpu":
+        (np.greater if positive else np.less)(chunk.numpy(), 0, out=out.numpy())
+        return out
+    return (torch.gt if positive else torch.lt)(chunk, 0, out=out)
+
+
 @functools.cache
 def _folder() -> ThreadPoolExecutor:
     """The one thread that folds models in (one for the process: a thread per tensor would
@@ -176,8 +185,8 @@ class _Fold:
         assert self.pos_weight is not None and self.neg_weight is not None and self.flags is not None
         alpha = (1 << i) if self.use_bits else float(self.weights[i])
         flags = self.flags[: chunk.numel()]
-        self.pos_weight.reshape(-1)[part].add_(torch.gt(chunk, 0, out=flags), alpha=alpha)
-        self.neg_weight.reshape(-1)[part].add_(torch.lt(chunk, 0, out=flags), alpha=alpha)
+        self.pos_weight.reshape(-1)[part].add_(_compare(chunk, positive=True, out=flags), alpha=alpha)
+        self.neg_weight.reshape(-1)[part].add_(_compare(chunk, positive=False, out=flags), alpha=alpha)
 
     def resolve(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mixed delta, and (with consensus and tracked weights) the summed weights of
