@@ -167,11 +167,17 @@ def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> bytes
         sections[0].append(np.packbits(kept))
         chunk = values[part].to(dtype)
         if dtype.itemsize == 2:
-            bits = np.compress(kept, chunk.view(torch.int16).numpy())
-            diff = bits - np.compress(kept, _bits(base_values[part], dtype))  # wraps: decode wraps back
-            small = (diff >= -127) & (diff <= 127)
-            sections[1].append(np.where(small, diff, _ESCAPE).astype(np.int8))
-            sections[2].append(bits[~small])
+            # The bit differences of every element, then one compaction (numpy's compress, the
+            # costly step at 0.6 ns per element) of the kept ones; the few escaped values are
+            # picked by index. Differences outside -127 .. 127 (as unsigned, diff + 127 above
+            # 254) are escaped and stored whole.
+            bits = chunk.view(torch.int16).numpy()
+            diff = bits - _bits(base_values[part], dtype)  # wraps: decode wraps back
+            kept_diff = np.compress(kept, diff)
+            codes = kept_diff.astype(np.int8)  # wraps too: right where the difference fits
+            codes[np.flatnonzero(_outside_a_byte(kept_diff))] = _ESCAPE
+            sections[1].append(codes)
+            sections[2].append(bits[np.flatnonzero(_outside_a_byte(diff) & kept)])
         else:
             rows = chunk.view(torch.uint8).reshape(-1, dtype.itemsize).numpy()
             sections[1].append(np.compress(kept, rows, axis=0))
@@ -225,6 +231,11 @@ def decode(data: bytes, base: torch.Tensor) -> SparseDelta:
     factor = header["factor"]
     scale = None if factor is None else torch.tensor(struct.unpack("<f", bytes.fromhex(factor))[0])
     return SparseDelta(torch.from_numpy(mask).reshape(shape), expert.reshape(shape), scale)
+
+
+def _outside_a_byte(diff: np.ndarray) -> np.ndarray:
+    """Which int16 differences lie outside -127 .. 127 (the escaped ones)."""
+    return (diff + np.int16(127)).view(np.uint16) > 254
 
 
 def _bits(base: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
