@@ -882,10 +882,15 @@ def block_stats(delta: torch.Tensor | Difference, grid: BlockGrid) -> list[tuple
     """(L2 norm, max |delta|) of each block of `delta` on `grid` (of a Difference, each block
     is made in turn)."""
     row_size = delta.numel() // grid.rows if grid.rows else 0
+    ranges = grid.ranges()
+    # One buffer for every block's difference: a fresh one per block costs its page faults.
+    largest = max((end - start for start, end in ranges), default=0) * row_size
+    made = isinstance(delta, Difference)
+    buffer = torch.empty(largest, dtype=torch.float32, device=delta.device) if made else None
     result = []
-    for start, end in grid.ranges():
+    for start, end in ranges:
         part = slice(start * row_size, end * row_size)
-        block = flat_part(delta, part)
+        block = flat_part(delta, part, None if buffer is None else buffer[: part.stop - part.start])
         if block.numel() == 0:
             result.append((0.0, 0.0))
             continue
