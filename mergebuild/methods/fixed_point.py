@@ -16,6 +16,8 @@ from fractions import Fraction
 
 import torch
 
+from mergebuild.methods.sparse_delta import mask_as_floats
+
 #: Bits of each integer part of a scaled value (an int32 holds it).
 PART_BITS = 31
 #: Elements of one block converted at once: bounds scratch memory, fixes the order.
@@ -116,7 +118,7 @@ def masked_sums(
         remaining -= step
     # The mask as 0s and 1s times the values, in `kept`: `torch.where` would cost several
     # times as much, and a product with the bool mask would convert it into a temporary.
-    kept.copy_(mask).mul_(magnitudes)
+    mask_as_floats(mask, kept).mul_(magnitudes)
     unit = Fraction(2) ** -(shift + PART_BITS)
     sums = []
     for values in (magnitudes, kept):
