@@ -189,11 +189,9 @@ def _select(keys: _Keys, ranks: list[int]) -> list[_OrderStat]:
 
 
 class _Bracket(NamedTuple):
-    """The elements whose keys lie in lo .. hi (inclusive), gathered around one wanted rank."""
+    """The elements whose keys lie in a key range (inclusive), gathered around one wanted rank."""
 
-    lo: int
-    hi: int
-    below: int  # how many keys are below lo
+    below: int  # how many keys are below the range
     index: np.ndarray  # the flat indices of the elements inside, ascending
     keys: np.ndarray  # their keys
 
@@ -305,8 +303,8 @@ def _bracketed_mask(
         if gathered > limit:
             return None
     brackets = [
-        _Bracket(lo, hi, n - at_least[j], np.concatenate(found[j][0]), np.concatenate(found[j][1]))
-        for j, (lo, hi) in enumerate(ranges)
+        _Bracket(n - at_least[j], np.concatenate(found[j][0]), np.concatenate(found[j][1]))
+        for j in range(len(ranges))
     ]
     by_side = iter(brackets)
     lower_bracket = next(by_side) if lower is not None else None
