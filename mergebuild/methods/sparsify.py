@@ -264,7 +264,13 @@ def _bracketed_mask(
     upper = None if upper_rank is None else _bracket_keys(sample, upper_rank, n)
     if lower is not None and upper is not None and lower[1] >= upper[0]:
         return None  # a rank range too narrow for two brackets
-    ranges = [r for r in (lower, upper) if r is not None]
+    # (rank, key range, is the lower bound) of each bracket.
+    sides = [
+        (rank, keys_range, is_lower)
+        for rank, keys_range, is_lower in ((lower_rank, lower, True), (upper_rank, upper, False))
+        if rank is not None and keys_range is not None
+    ]
+    ranges = [keys_range for _, keys_range, _ in sides]
     in_sample = sum(
         np.searchsorted(sample, hi, "right") - np.searchsorted(sample, lo, "left") for lo, hi in ranges
     )
@@ -306,18 +312,17 @@ def _bracketed_mask(
         _Bracket(n - at_least[j], np.concatenate(found[j][0]), np.concatenate(found[j][1]))
         for j in range(len(ranges))
     ]
-    by_side = iter(brackets)
-    lower_bracket = next(by_side) if lower is not None else None
-    upper_bracket = next(by_side) if upper is not None else None
-    low = None if lower_bracket is None or lower_rank is None else lower_bracket.order_stat(lower_rank)
-    high = None if upper_bracket is None or upper_rank is None else upper_bracket.order_stat(upper_rank)
-    if (lower_bracket is not None and low is None) or (upper_bracket is not None and high is None):
-        return None
-    lower_bound, upper_bound = bounds_of(low, high)
-    if lower_bracket is not None and lower_bound is not None:
-        lower_bracket.write(out, lower_bound, lower=True)
-    if upper_bracket is not None and upper_bound is not None:
-        upper_bracket.write(out, upper_bound, lower=False)
+    stats: dict[bool, _OrderStat] = {}
+    for (rank, _, is_lower), bracket in zip(sides, brackets, strict=True):
+        stat = bracket.order_stat(rank)
+        if stat is None:
+            return None
+        stats[is_lower] = stat
+    lower_bound, upper_bound = bounds_of(stats.get(True), stats.get(False))
+    for (_, _, is_lower), bracket in zip(sides, brackets, strict=True):
+        bound = lower_bound if is_lower else upper_bound
+        assert bound is not None
+        bracket.write(out, bound, is_lower)
     return mask
 
 
