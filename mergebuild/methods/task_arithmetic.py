@@ -40,8 +40,10 @@ _LAMBDA = ParamSpec("lambda", float, "method", default=1.0)
 #: set, and the divisor comes from a table of the weight sums of all 2^K subsets.
 _MAX_BIT_MODELS = 16
 #: Elements a consensus fold clamps (and looks divisors up for) at a time: the size of its
-#: scratch buffers.
-_CLAMP_CHUNK = 1 << 22
+#: scratch buffers. At 2 MiB per float32 buffer a chunk's temporaries stay in the CPU's
+#: cache between the fold's passes: a fold of four 16000 x 1536 models takes 230 ms against
+#: 330 with chunks of 4M elements (one thread).
+_CLAMP_CHUNK = 1 << 19
 
 
 def _chunks(numel: int) -> Iterator[slice]:
