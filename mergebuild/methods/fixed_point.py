@@ -89,6 +89,9 @@ def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
 
 #: The largest power of two scaled by at once (2^100 is a normal float32).
 _SCALE_STEP = 100
+#: Elements `masked_sums` works on at a time on the host: its three buffers' pieces (384 KiB)
+#: stay in the CPU's cache from one pass to the next.
+_HOST_PIECE = 1 << 15
 
 
 def masked_sums(
@@ -111,18 +114,30 @@ def masked_sums(
     if not math.isfinite(top):
         return None
     shift = PART_BITS - math.frexp(top)[1]
+    scales = []
     remaining = shift
     while remaining != 0:
         step = max(-_SCALE_STEP, min(_SCALE_STEP, remaining))
-        magnitudes.mul_(2.0**step)
+        scales.append(2.0**step)
         remaining -= step
-    # The mask as 0s and 1s times the values, in `kept`: `torch.where` would cost several
-    # times as much, and a product with the bool mask would convert it into a temporary.
-    mask_as_floats(mask, kept).mul_(magnitudes)
+    # The passes below run over pieces that stay in the CPU's cache: 3.7 ns per element
+    # against 9.6 over the whole block. Integer sums do not depend on how they are split.
+    n = magnitudes.numel()
+    piece = _HOST_PIECE if magnitudes.device.type == "cpu" else max(n, 1)
+    whole, fraction = [0, 0], [0, 0]
+    for lo in range(0, n, piece):
+        part = slice(lo, min(n, lo + piece))
+        values, kept_part, fixed_part = magnitudes[part], kept[part], fixed[part]
+        for scale in scales:
+            values.mul_(scale)
+        # The mask as 0s and 1s times the values: `torch.where` would cost several times
+        # as much, and a product with the bool mask would convert it into a temporary.
+        mask_as_floats(mask[part], kept_part).mul_(values)
+        for side, side_values in enumerate((values, kept_part)):
+            # copy_ truncates toward zero: exact below 2^31; frac_ and the scaling are exact too.
+            whole[side] += int(fixed_part.copy_(side_values).sum())
+            side_values.frac_().mul_(2.0**PART_BITS)
+            fraction[side] += int(fixed_part.copy_(side_values).sum())
     unit = Fraction(2) ** -(shift + PART_BITS)
-    sums = []
-    for values in (magnitudes, kept):
-        whole = int(fixed.copy_(values).sum())  # copy_ truncates toward zero: exact below 2^31
-        values.sub_(fixed).mul_(2.0**PART_BITS)  # the fractions, exact
-        sums.append(((whole << PART_BITS) + int(fixed.copy_(values).sum())) * unit)
-    return sums[0], sums[1]
+    before, after = (((whole[side] << PART_BITS) + fraction[side]) * unit for side in (0, 1))
+    return before, after
