@@ -29,8 +29,10 @@ from mergebuild.safetensors_io import DTYPE_NAMES, DTYPES
 _MAGIC = b"MBSD3\n"
 #: Elements `difference` subtracts at a time.
 _DIFFERENCE_CHUNK = 1 << 20
-#: Elements `encode` codes at a time (a multiple of 8, for the packed mask).
-_ENCODE_CHUNK = 1 << 22
+#: Elements `encode` codes at a time (a multiple of 8, for the packed mask). A chunk's
+#: temporaries (1 MiB of int16 differences) stay in the CPU's cache: 40 ms against 48 for
+#: a 16000 x 1536 bf16 expert with chunks of 4M elements.
+_ENCODE_CHUNK = 1 << 19
 
 
 @dataclass(frozen=True)
