@@ -90,7 +90,7 @@ class ReadCounters:
 ReadJob = tuple[TensorInfo, int | None]
 #: What a read-ahead hands over: the bytes, their digests (whole tensors only), and the
 #: file's stat before and after the read.
-ReadItem = tuple[bytearray, TensorDigests | None, FileStat, FileStat]
+ReadItem = tuple[memoryview, TensorDigests | None, FileStat, FileStat]
 
 
 class ReadAhead:
@@ -192,7 +192,7 @@ class ReadAhead:
         self._thread.join()
 
 
-def _read_block(info: TensorInfo, grid: BlockGrid, block: int) -> bytearray:
+def _read_block(info: TensorInfo, grid: BlockGrid, block: int) -> memoryview:
     """The bytes of one block of a tensor, read without the kernel's readahead (a budget counts
     the bytes taken from disk, not just those asked for)."""
     start, end = grid.ranges()[block]
@@ -227,7 +227,7 @@ def _read_hashed(info: TensorInfo, block_size: int) -> ReadItem:
 
 
 #: A blob's bytes as the blob writer takes them.
-_Blob = bytes | bytearray
+_Blob = bytes | bytearray | memoryview
 
 
 #: Bytes of results waiting for the blob writer at most (one result may be bigger).
@@ -324,7 +324,7 @@ class SourceReader:
         self._digests: dict[tuple[str, str], TensorDigests] = {}
         self._catalog_digests: dict[tuple[str, str], TensorDigests] = {}
         self._stats: dict[str, FileStat] = {}
-        self._held: dict[tuple[str, str], bytearray] = {}
+        self._held: dict[tuple[str, str], memoryview] = {}
         #: Set by the executor: the read-ahead and blob-writer threads, and the node being built.
         self.read_ahead: ReadAhead | None = None
         self.blob_writer: BlobWriter | None = None
@@ -415,7 +415,7 @@ class SourceReader:
             self.blob_writer.submit(_block_key(digests.blocks[block]), lambda: buf, len(buf))
         return bytes_to_tensor(buf, info.torch_dtype, shape)
 
-    def _read_bytes(self, info: TensorInfo) -> tuple[bytearray, TensorDigests]:
+    def _read_bytes(self, info: TensorInfo) -> tuple[memoryview, TensorDigests]:
         first_seen = self.stat(info)
         item = self.read_ahead.take(self.node_index, info) if self.read_ahead is not None else None
         buf, digests, before, after = item if item is not None else _read_hashed(info, self.block_size)
