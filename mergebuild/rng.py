@@ -5,8 +5,8 @@ index j is a hash of (seed, expert tensor digest, tensor name, j), so results
 never depend on block size, schedule, thread count or device.
 
 The hash runs on the host over blocks of `_CHUNK` elements whose uint64
-temporaries stay in the CPU cache; a whole-tensor pass per hash step (about 15 of them) would be
-bound by memory bandwidth and page faults instead. `keep_mask` gives
+temporaries stay in the CPU cache; a whole-tensor pass per hash step (nine of
+them) would be bound by memory bandwidth and page faults instead. `keep_mask` gives
 `uniform(...) < density` exactly without materializing the float64 uniforms.
 """
 
