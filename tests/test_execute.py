@@ -1,14 +1,28 @@
-"""Executor settings."""
+"""The executor's settings and its read-ahead threads."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from mergebuild.catalog import BlockGrid
+from mergebuild import execute
+from mergebuild.catalog import BlockGrid, FileStat
 from mergebuild.errors import InputError
-from mergebuild.execute import READ_AHEAD_BYTES, block_stats, read_ahead_bytes
+from mergebuild.execute import (
+    READ_AHEAD_BYTES,
+    ReadAhead,
+    ReadItem,
+    ReadJob,
+    _read_hashed,
+    block_stats,
+    read_ahead_bytes,
+)
 from mergebuild.methods.sparse_delta import Difference
+from mergebuild.safetensors_io import SafetensorsFile, TensorInfo, bytes_to_tensor
 
 
 def test_read_ahead_cap_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,3 +48,80 @@ def test_block_statistics_of_a_difference_equal_those_of_the_whole_delta(shape: 
     assert len(stats) == len(grid.ranges())
     if shape == (37, 21):
         assert len(stats) > 1 and all(l2 > 0 and top > 0 for l2, top in stats)
+
+
+def _source(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> list[TensorInfo]:
+    """`tensors` saved to one safetensors file; their infos in the given order."""
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    infos = SafetensorsFile.open(path).tensors
+    return [infos[name] for name in tensors]
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {f"t{k}": torch.randn(40 + 7 * k, 24, generator=g).to(torch.bfloat16) for k in range(7)}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("max_bytes", [1, 4096, 1 << 30])
+def test_read_ahead_hands_over_every_read_in_any_order(tmp_path: Path, threads: int, max_bytes: int) -> None:
+    tensors = _tensors()
+    infos = _source(tmp_path, tensors)
+    # Three nodes; within each the executor takes its reads in reverse plan order.
+    jobs: list[list[ReadJob]] = [[(i, None) for i in infos[a:b]] for a, b in ((0, 3), (3, 4), (4, 7))]
+    read_ahead = ReadAhead(jobs, 1024, max_bytes, threads=threads)
+    try:
+        for index, node_jobs in enumerate(jobs):
+            for info, _ in reversed(node_jobs):
+                item = read_ahead.take(index, info)
+                assert item is not None
+                buf, digests, before, after = item
+                assert torch.equal(bytes_to_tensor(buf, info.torch_dtype, info.shape), tensors[info.name])
+                assert digests == _read_hashed(info, 1024)[1]
+                assert before == after == FileStat.of(info.path)
+                assert read_ahead.take(index, info) is None  # a second read of it is not planned
+            read_ahead.done(index)
+    finally:
+        read_ahead.close()
+
+
+def test_read_ahead_holds_no_more_than_its_cap_and_skips_finished_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    infos = _source(tmp_path, _tensors())
+    started: list[str] = []
+    real = execute._read_hashed
+
+    def counted(info: TensorInfo, block_size: int) -> ReadItem:
+        started.append(info.name)
+        return real(info, block_size)
+
+    monkeypatch.setattr(execute, "_read_hashed", counted)
+    jobs: list[list[ReadJob]] = [[(infos[0], None)], [(infos[1], None), (infos[2], None)], [(infos[3], None)]]
+    # A cap below one tensor: a read starts only when nothing is held.
+    read_ahead = ReadAhead(jobs, 1024, 1, threads=3)
+    try:
+        time.sleep(0.2)  # room for the threads to overstep the cap, if they would
+        assert started == ["t0"]
+        assert read_ahead.take(0, infos[0]) is not None
+        read_ahead.done(0)
+        # Node 1 came from the cache: what was read for it is dropped, the rest is skipped.
+        # (t1 may have started once t0 was taken; t2 cannot start while t1 is held.)
+        read_ahead.done(1)
+        assert read_ahead.take(2, infos[3]) is not None
+        assert started in (["t0", "t3"], ["t0", "t1", "t3"])
+    finally:
+        read_ahead.close()
+
+
+def test_a_failed_read_ahead_reaches_the_executor(tmp_path: Path) -> None:
+    infos = _source(tmp_path, _tensors())
+    gone = infos[2]
+    gone.path.rename(tmp_path / "elsewhere.safetensors")
+    read_ahead = ReadAhead([[(gone, None)], [(infos[3], None)]], 1024, 1 << 30, threads=2)
+    try:
+        with pytest.raises(InputError, match="cannot open"):
+            read_ahead.take(1, infos[3])
+    finally:
+        read_ahead.close()
