@@ -33,7 +33,8 @@ from mergebuild.errors import ExecutionError, InputError
 from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_key, node_record
 from mergebuild.methods import sparse_delta
 from mergebuild.methods.base import Scalar
-from mergebuild.methods.sparse_delta import Difference, SparseDelta, flat_part
+from mergebuild.methods.delta_stats import DeltaStats, block_stats
+from mergebuild.methods.sparse_delta import SparseDelta
 from mergebuild.plan import HOLD_BYTES, Blocks, NodePlan, TargetPlan
 from mergebuild.safetensors_io import TensorInfo, bytes_to_tensor, read_bytes
 from mergebuild.tensor_checks import all_finite
@@ -531,6 +532,7 @@ class _Context:
         self._by_block = bool(allocation)
         self._allocation = allocation or (None,) * len(node.models)
         self._with_stats = with_stats and node.base is not None and rows is None
+        self._delta_stats: dict[int, DeltaStats] = {}
         self._base: torch.Tensor | None = None
         #: The whole base as stored: per-expert blobs are coded against its bit patterns.
         self._stored_base = stored_base
@@ -576,11 +578,23 @@ class _Context:
     def omitted(self, i: int) -> bool:
         return self._by_block and self._allocation[i] == ()
 
-    def note_delta(self, i: int, delta: torch.Tensor | Difference) -> None:
+    def delta_stats(self, i: int) -> DeltaStats | None:
         # Statistics describe the whole expert: not one a budget cut down.
-        if self._with_stats and self._allocation[i] is None:
-            assert self._node.base is not None
-            _record_stats(self._reader, self._node.base, self._node.models[i][1], delta)
+        if not self._with_stats or self._allocation[i] is not None:
+            return None
+        assert self._node.base is not None
+        info = self._node.models[i][1]
+        if _has_stats(self._reader, self._node.base, info):
+            return None
+        self._delta_stats[i] = DeltaStats(self._reader.grid(info), math.prod(self.shape))
+        return self._delta_stats[i]
+
+    def record_stats(self) -> None:
+        """Put the block statistics the method gathered into the catalog."""
+        assert self._node.base is not None or not self._delta_stats
+        for i, stats in self._delta_stats.items():
+            _record_stats(self._reader, self._node.base, self._node.models[i][1], stats.result())
+        self._delta_stats.clear()
 
     def _known_base(self) -> torch.Tensor:
         return self._base if self._base is not None else self.base()
@@ -819,6 +833,7 @@ def _merged(target: CompiledTarget, ctx: _Context) -> torch.Tensor:
     merged = target.method.merge(ctx)
     if merged.shape != ctx.shape:
         raise AssertionError(f"{target.method.name} returned shape {tuple(merged.shape)} for {ctx.name}")
+    ctx.record_stats()
     return merged
 
 
@@ -893,42 +908,16 @@ def _finite(tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
 
 
 def _record_stats(
-    reader: SourceReader, base_info: TensorInfo, info: TensorInfo, delta: torch.Tensor | Difference
+    reader: SourceReader, base_info: TensorInfo, info: TensorInfo, stats: list[tuple[float, float]]
 ) -> None:
-    """Per-block delta statistics (L2 norm, max |delta|) for budgets, when the catalog lacks them.
-
-    Computed from the delta the merge computes anyway, so only the first build
-    of an expert pays for them (two passes over each block).
-    """
-    if _has_stats(reader, base_info, info):
-        return
+    """Record per-block delta statistics (L2 norm, max |delta|) of `info` against `base_info`
+    for budgets (the merge gathers them from the delta it makes anyway, so only the first
+    build of an expert pays for them)."""
     expert_digests, base_digests = reader.digests(info), reader.digests(base_info)
     pairs = list(zip(expert_digests.blocks, base_digests.blocks, strict=True))
-    stats = block_stats(delta, reader.grid(info))
     reader.cache.catalog.record_block_stats(
         [(e, b, l2, mx) for (e, b), (l2, mx) in zip(pairs, stats, strict=True)]
     )
-
-
-def block_stats(delta: torch.Tensor | Difference, grid: BlockGrid) -> list[tuple[float, float]]:
-    """(L2 norm, max |delta|) of each block of `delta` on `grid` (of a Difference, each block
-    is made in turn)."""
-    row_size = delta.numel() // grid.rows if grid.rows else 0
-    ranges = grid.ranges()
-    # One buffer for every block's difference: a fresh one per block costs its page faults.
-    largest = max((end - start for start, end in ranges), default=0) * row_size
-    made = isinstance(delta, Difference)
-    buffer = torch.empty(largest, dtype=torch.float32, device=delta.device) if made else None
-    result = []
-    for start, end in ranges:
-        part = slice(start * row_size, end * row_size)
-        block = flat_part(delta, part, None if buffer is None else buffer[: part.stop - part.start])
-        if block.numel() == 0:
-            result.append((0.0, 0.0))
-            continue
-        low, high = torch.aminmax(block)
-        result.append((float(torch.linalg.vector_norm(block)), max(-float(low), float(high))))
-    return result
 
 
 def index_target(target: CompiledTarget, reader: SourceReader) -> None:
@@ -949,7 +938,7 @@ def index_target(target: CompiledTarget, reader: SourceReader) -> None:
                 if base is None:
                     base = _finite(reader.read(node.base).to(torch.float32), node.base)
                 model = _finite(reader.read(info).to(torch.float32), info)
-                _record_stats(reader, node.base, info, model - base)
+                _record_stats(reader, node.base, info, block_stats(model - base, reader.grid(info)))
         if reader.known(node.base) is None:
             reader.hold(node.base)
         reader.release()

@@ -13,8 +13,8 @@ from mergebuild.build import BuildOptions, build, index, plan
 from mergebuild.cache import Cache
 from mergebuild.catalog import BlockGrid
 from mergebuild.errors import InputError
-from mergebuild.execute import block_stats
 from mergebuild.lockfile import lock_path
+from mergebuild.methods.delta_stats import block_stats
 from mergebuild.sources import ModelSource
 from tests.conftest import write_spec
 from tests.families import Family, make_llama_family

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from mergebuild.methods.sparse_delta import Difference, SparseDelta
+    from mergebuild.methods.delta_stats import DeltaStats
+    from mergebuild.methods.sparse_delta import SparseDelta
 
 Scalar = float | int | bool
 
@@ -120,10 +121,10 @@ class TensorContext(Protocol):
         allocated): it then stands for the base, a zero delta, and is never read."""
         ...
 
-    def note_delta(self, i: int, delta: torch.Tensor | Difference) -> None:
-        """Show the executor model i's whole delta against the base (float32, or a Difference
-        that makes it a block at a time), which a method that has it anyway passes on: the
-        executor keeps block statistics of it for budgets."""
+    def delta_stats(self, i: int) -> DeltaStats | None:
+        """Where a method that makes model i's whole delta against the base anyway feeds it
+        (every element, in order), so the executor keeps its block statistics for budgets;
+        None when they are not wanted (known already, or a budget cut the expert down)."""
         ...
 
     def expert_work(

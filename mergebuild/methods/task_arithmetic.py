@@ -10,7 +10,9 @@ time into a handful of accumulators, and the consensus is resolved at the end
 (the elected sign picks the positive or the negative partial sums). A sparsified
 model reaches the fold as its sparse delta (mask, expert as stored, factor), and
 the fold makes its weighted kept delta a chunk at a time: no float32 copy of a
-model's delta waits for the fold.
+model's delta waits for the fold. A model used whole reaches it as its expert
+and base (`_Whole`), and the fold makes its weighted delta a chunk at a time
+too, gathering the delta's block statistics for budgets on the way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from mergebuild.methods import sparsify
 from mergebuild.methods.base import INT8_MASK, WEIGHT, Method, ParamSpec, Scalar, TensorContext
+from mergebuild.methods.delta_stats import STATS_PIECE, DeltaStats
 from mergebuild.methods.sparse_delta import Difference, SparseDelta, difference, kept_delta
 
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della"]
@@ -42,8 +45,9 @@ _MAX_BIT_MODELS = 16
 #: Elements a consensus fold clamps (and looks divisors up for) at a time: the size of its
 #: scratch buffers. At 2 MiB per float32 buffer a chunk's temporaries stay in the CPU's
 #: cache between the fold's passes: a fold of four 16000 x 1536 models takes 230 ms against
-#: 330 with chunks of 4M elements (one thread).
+#: 330 with chunks of 4M elements (one thread). A multiple of `STATS_PIECE`.
 _CLAMP_CHUNK = 1 << 19
+assert _CLAMP_CHUNK % STATS_PIECE == 0
 
 
 def _chunks(numel: int) -> Iterator[slice]:
@@ -66,6 +70,25 @@ def _folder() -> ThreadPoolExecutor:
     """The one thread that folds models in (one for the process: a thread per tensor would
     also give glibc a new arena to keep freed memory in)."""
     return ThreadPoolExecutor(1, thread_name_prefix="mergebuild-fold")
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """Model i's weighted delta, `difference(expert, base) * weight`, made a chunk at a time;
+    with `stats`, the delta's block statistics are gathered on the way."""
+
+    expert: torch.Tensor
+    base: torch.Tensor
+    weight: torch.Tensor
+    stats: DeltaStats | None
+
+    def chunk(self, part: slice, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """Flat elements `part` of the weighted delta, written to `out` (their size). The
+        difference and the product are elementwise, so the bits are the whole tensor's."""
+        delta = difference(self.expert.reshape(-1)[part], self.base.reshape(-1)[part], out)
+        if self.stats is not None:
+            self.stats.add(part.start, delta)
+        return delta.mul_(self.weight)
 
 
 @dataclass(frozen=True)
@@ -94,8 +117,8 @@ class _Fold:
     took part on each side: as bit sets for up to `_MAX_BIT_MODELS` models (the
     divisor is then looked up in a table of subset sums, added in model order,
     which is exactly what running float sums give), else as running float sums.
-    A model comes as its weighted delta, which the fold owns and works on in place,
-    or as a `_Kept`, whose chunks it makes in a scratch buffer.
+    A model comes as a `_Whole` or a `_Kept`, whose chunks the fold makes in a
+    scratch buffer.
     """
 
     def __init__(self, consensus: bool, weights: list[float], track_weights: bool) -> None:
@@ -112,38 +135,28 @@ class _Fold:
         self.flags: torch.Tensor | None = None
         #: Where a later model's negative part is clamped to, a chunk at a time.
         self.scratch: torch.Tensor | None = None
-        #: Where a `_Kept` model's chunk is made.
+        #: Where a model's chunk is made.
         self.kept: torch.Tensor | None = None
 
-    def add(self, i: int, weighted: torch.Tensor | _Kept) -> None:
-        """Fold in model i: its weighted delta (consumed: the fold may overwrite it) or a
-        `_Kept` that makes it.
+    def add(self, i: int, weighted: _Whole | _Kept) -> None:
+        """Fold in model i's weighted delta, made a chunk at a time.
 
         The sums start at zero, and `0 + x` is `x + 0` (IEEE: both turn -0 into +0), so
         the first model's sums are its own values plus 0, without zeroed buffers.
         """
-        like = weighted if isinstance(weighted, torch.Tensor) else weighted.base
+        like = weighted.base
         first = self.total is None
-        if first and not self.consensus and isinstance(weighted, torch.Tensor):
-            self.total = weighted.add_(0.0)  # the total takes the model's buffer
-            return
         if first:
             self.total = torch.empty_like(like, dtype=torch.float32)
             if self.consensus:
                 self.pos, self.neg = torch.empty_like(self.total), torch.empty_like(self.total)
             if self.track_weights:
                 self._start_weights(like)
-        dense = weighted.reshape(-1) if isinstance(weighted, torch.Tensor) else None
         for part in _chunks(like.numel()):
-            if dense is not None:
-                chunk = dense[part]
-            else:
-                assert isinstance(weighted, _Kept)
-                size = part.stop - part.start
-                # The scratch buffer is free again before `_add_chunk` clamps into it.
-                kept, scratch = self._buffer("kept", like)[:size], self._buffer("scratch", like)[:size]
-                chunk = weighted.chunk(part, kept, scratch)
-            self._add_chunk(i, part, chunk, first)
+            size = part.stop - part.start
+            # The scratch buffer is free again before `_add_chunk` clamps into it.
+            kept, scratch = self._buffer("kept", like)[:size], self._buffer("scratch", like)[:size]
+            self._add_chunk(i, part, weighted.chunk(part, kept, scratch), first)
 
     def _buffer(self, name: Literal["kept", "scratch"], like: torch.Tensor) -> torch.Tensor:
         """The float32 scratch buffer `name`, a chunk's size (made on first use)."""
@@ -301,17 +314,12 @@ class TaskArithmeticFamily(Method):
 
     def weighted_delta(
         self, ctx: TensorContext, i: int, base: torch.Tensor, weight: torch.Tensor
-    ) -> torch.Tensor | _Kept:
+    ) -> _Whole | _Kept:
         """Model i's delta, sparsified (and L1-rescaled) when the method says so, times its
-        weight (float32, 0-d): a new tensor the caller owns, or, sparsified, a `_Kept` that
-        makes it a chunk at a time."""
+        weight (float32, 0-d), as the fold makes it a chunk at a time."""
         recipe = self.expert_recipe(ctx.param, lambda name: ctx.model_param(i, name))
-        # `difference` promotes a 16-bit expert to float32 exactly: the values of
-        # `expert.float() - base`, in one pass and without a float32 copy of the expert.
         if recipe is None or base.numel() == 0:
-            delta = difference(ctx.stored_model(i), base)
-            ctx.note_delta(i, delta)
-            return delta.mul_(weight)
+            return _Whole(ctx.stored_model(i), base, weight, ctx.delta_stats(i))
         density = float(recipe["density"])
 
         def compute() -> SparseDelta:
@@ -319,7 +327,9 @@ class TaskArithmeticFamily(Method):
             # The sparsifiers, the rescale's sums and the block statistics stream over the
             # delta: made a block (or della's slice of rows) at a time, it is never whole.
             delta = Difference(model, base)
-            ctx.note_delta(i, delta)
+            stats = ctx.delta_stats(i)
+            if stats is not None:
+                stats.add_all(delta)
             mask = self._mask(ctx, i, delta, density)
             # Only the rescale factor is taken from the delta: the fold makes the kept delta
             # from the mask and the expert as stored, as from a cached one.

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from mergebuild import rng
+from mergebuild.catalog import BlockGrid
 from mergebuild.methods import get_method
 from mergebuild.methods.base import Method, Scalar
+from mergebuild.methods.delta_stats import DeltaStats
 from mergebuild.methods.sparse_delta import SparseDelta
 
 #: The tensor name every fake context uses unless told otherwise.
@@ -30,6 +32,10 @@ F32_EPS = 2.0**-23
 def digest(i: int) -> bytes:
     """A fixed 16-byte stand-in for model i's tensor digest."""
     return hashlib.blake2b(f"model-{i}".encode(), digest_size=16).digest()
+
+
+#: The block size of the statistics FakeContext gathers.
+STATS_BLOCK_BYTES = 4096
 
 
 class FakeContext:
@@ -65,6 +71,8 @@ class FakeContext:
         self.has_base = base is not None
         self.seed = seed
         self.reads: Counter[str] = Counter()
+        #: The block statistics handed to the method, by model.
+        self.stats: dict[int, DeltaStats] = {}
         for tensor in self._models:
             assert tuple(tensor.shape) == self.shape
 
@@ -106,8 +114,12 @@ class FakeContext:
     def omitted(self, i: int) -> bool:
         return False
 
-    def note_delta(self, i: int, delta: torch.Tensor) -> None:
-        assert delta.shape == self.shape and delta.dtype == torch.float32
+    def delta_stats(self, i: int) -> DeltaStats | None:
+        if self._base is None:
+            return None
+        # Blocks of a few rows: a tensor's statistics span several.
+        self.stats[i] = DeltaStats(BlockGrid.for_shape(self.shape, STATS_BLOCK_BYTES), math.prod(self.shape))
+        return self.stats[i]
 
     def expert_work(
         self, i: int, recipe: Mapping[str, Scalar | str], compute: Callable[[], SparseDelta]

@@ -11,11 +11,23 @@ import pytest
 import torch
 
 from mergebuild import rng
-from mergebuild.methods import get_method, task_arithmetic
+from mergebuild.catalog import BlockGrid
+from mergebuild.methods import delta_stats, get_method, task_arithmetic
 from mergebuild.methods.base import Scalar
-from mergebuild.methods.task_arithmetic import _Fold
+from mergebuild.methods.delta_stats import block_stats
+from mergebuild.methods.task_arithmetic import _Fold, _Whole
 
-from .conftest import NAME, FakeContext, assert_ulps, digest, family, mergekit_merge, run, scale_of
+from .conftest import (
+    NAME,
+    STATS_BLOCK_BYTES,
+    FakeContext,
+    assert_ulps,
+    digest,
+    family,
+    mergekit_merge,
+    run,
+    scale_of,
+)
 
 #: (consensus, sparsifier, default normalize, default rescale), from DESIGN.md's table.
 TABLE = {
@@ -346,6 +358,11 @@ def test_della_refuses_probabilities_outside_the_unit_interval() -> None:
     assert method.check_params(shared, good) is None
 
 
+def _weighted(delta: torch.Tensor, weight: float) -> _Whole:
+    """`delta * weight` as the fold takes a model: the delta is `delta - 0` exactly."""
+    return _Whole(delta, torch.zeros_like(delta), torch.tensor(weight, dtype=torch.float32), None)
+
+
 @pytest.mark.parametrize("models", [1, 5, 9, 16])
 def test_consensus_weight_bit_sets_give_the_float_sums_bit_for_bit(models: int) -> None:
     g = torch.Generator().manual_seed(models)
@@ -358,7 +375,7 @@ def test_consensus_weight_bit_sets_give_the_float_sums_bit_for_bit(models: int) 
         fold = _Fold(consensus=True, weights=weights, track_weights=True)
         fold.use_bits = use_bits
         for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
-            fold.add(i, d * torch.tensor(w, dtype=torch.float32))
+            fold.add(i, _weighted(d, w))
         results.append(fold.resolve(deltas[0]))
     (mixed_bits, divisor_bits), (mixed_float, divisor_float) = results
     assert torch.equal(mixed_bits, mixed_float)
@@ -381,7 +398,7 @@ def test_consensus_sums_are_the_one_pass_sums_chunk_by_chunk(monkeypatch: pytest
     monkeypatch.setattr(task_arithmetic, "_CLAMP_CHUNK", 7)  # 305 elements: 44 chunks, one partial
     fold = _Fold(consensus=True, weights=weights, track_weights=False)
     for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
-        fold.add(i, d * torch.tensor(w, dtype=torch.float32))
+        fold.add(i, _weighted(d, w))
     mixed, _ = fold.resolve(deltas[0])
     assert torch.equal(mixed.view(torch.int32), expected.view(torch.int32))
 
@@ -403,3 +420,26 @@ def test_an_omitted_model_is_skipped_with_the_same_bits(method: str, normalize: 
     skipped = impl.merge(Omitting(impl, base, models, shared, per_model))
     computed = impl.merge(FakeContext(impl, base, models, shared, per_model))
     assert torch.equal(skipped.view(torch.int32), computed.view(torch.int32))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "della"])
+def test_a_merge_feeds_each_models_whole_delta_to_its_block_statistics(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    # Pieces and fold chunks far smaller than the tensor: the statistics come in many chunks.
+    monkeypatch.setattr(delta_stats, "STATS_PIECE", 128)
+    monkeypatch.setattr(task_arithmetic, "_CLAMP_CHUNK", 256)
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(70, 40, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.01 * torch.randn(70, 40, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    per_model = [{"weight": w, "density": 0.5} for w in (0.7, -0.4, 0.5)]
+    impl = get_method(method)
+    ctx = FakeContext(impl, base, models, {}, per_model)
+
+    impl.merge(ctx)
+
+    grid = BlockGrid.for_shape(ctx.shape, STATS_BLOCK_BYTES)
+    assert len(grid.ranges()) > 1
+    assert sorted(ctx.stats) == [0, 1, 2]
+    for i, model in enumerate(models):
+        assert ctx.stats[i].result() == block_stats(model.float() - base.float(), grid)
