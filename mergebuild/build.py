@@ -51,8 +51,17 @@ class BuildOptions:
     on_wait: Callable[[str], None] | None = None
     #: Where the arithmetic runs: "cpu", "cuda" or "cuda:N" (reads and writes stay on the host).
     device: str = "cpu"
-    #: Threads torch's CPU arithmetic uses (None: torch's default, one per core).
+    #: Threads torch's CPU arithmetic uses (None: leave torch's setting as it is; the CLI
+    #: passes `default_jobs()`).
     jobs: int | None = None
+
+
+def default_jobs() -> int:
+    """Threads for CPU arithmetic when `--jobs` is not given: half the cores this process may
+    use, at least one. Two threads compute at once (the method's and the fold's) beside the
+    readers, so each gets half the cores: on 2 cores, one torch thread each built the 630M x 8
+    dare_ties merge in 57.5 s against 73.7 s with torch's default of one per core."""
+    return max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def load_spec(path: Path, args: JsonnetArgs) -> Spec:

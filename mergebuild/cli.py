@@ -172,7 +172,9 @@ def build_command(
     ] = "cpu",
     jobs: Annotated[
         int | None,
-        typer.Option("--jobs", "-j", min=1, help="Threads for CPU arithmetic (default: one per core)."),
+        typer.Option(
+            "--jobs", "-j", min=1, help="Threads for CPU arithmetic (default: half the cores, at least one)."
+        ),
     ] = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,
@@ -188,7 +190,7 @@ def build_command(
         summary = freshness.up_to_date(spec, jsonnet, _cache_dir(cache_dir), target)
     if summary is None:
         # torch loads here, not at start-up: an up-to-date build never needs it.
-        from mergebuild.build import BuildOptions, build
+        from mergebuild.build import BuildOptions, build, default_jobs
 
         options = BuildOptions(
             cache_dir=_cache_dir(cache_dir),
@@ -200,7 +202,7 @@ def build_command(
             allow_pickle=allow_pickle,
             on_wait=lambda message: err.print(message, highlight=False),
             device=device,
-            jobs=jobs,
+            jobs=jobs if jobs is not None else default_jobs(),
         )
         summary = build(spec, options)
     if as_json:

@@ -5,12 +5,13 @@ The CUDA tests need an NVIDIA GPU and skip without one (CI never has one).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from mergebuild.build import BuildOptions, build
+from mergebuild.build import BuildOptions, build, default_jobs
 from mergebuild.errors import InputError
 from mergebuild.execute import compute_device
 from tests.conftest import write_spec
@@ -53,11 +54,18 @@ def test_jobs_do_not_change_the_bits(tmp_path: Path, llama: Family) -> None:
     try:
         one = _build(tmp_path, llama, "ties", "one", jobs=1)
         assert torch.get_num_threads() == 1
-        default = _build(tmp_path, llama, "ties", "default", device="cpu", jobs=threads)
+        three = _build(tmp_path, llama, "ties", "three", device="cpu", jobs=3)
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
-    assert one.keys() == default.keys()
-    assert all(torch.equal(one[k], default[k]) for k in one)
+    assert one.keys() == three.keys()
+    assert all(torch.equal(one[k], three[k]) for k in one)
+
+
+def test_default_jobs_are_half_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores, jobs in ((1, 1), (2, 1), (3, 1), (16, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert default_jobs() == jobs
 
 
 def test_compute_device_names() -> None:
