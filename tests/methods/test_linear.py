@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mergebuild.errors import SpecError
+from mergebuild.methods import linear
 
 from .conftest import assert_ulps, family, independent, mergekit_merge, run, scale_of
 
@@ -69,3 +70,20 @@ def test_method_wide_weight_applies_to_every_model() -> None:
     models = independent((6,), 2)
     out = run("linear", None, models, {"weight": 0.25, "normalize": False})
     torch.testing.assert_close(out, 0.25 * models[0] + 0.25 * models[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_16_bit_inputs_are_promoted_a_chunk_at_a_time_with_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    monkeypatch.setattr(linear, "_CHUNK", 40)  # 403 elements: 11 chunks, the last one short
+    base, models = family((13, 31), 3)
+    base, models = base.to(dtype), [m.to(dtype) for m in models]
+    weights = [0.7, -0.3, 1.1]
+    out = run("linear", base, models, {"weight": 0.4}, [{"weight": w} for w in weights])
+    # The whole-tensor statement: float32 copies, one multiply-add each, models then base.
+    total = torch.zeros(13, 31)
+    for w, x in zip([*weights, 0.4], [*models, base], strict=True):
+        total.addcmul_(x.float(), torch.tensor(w))
+    expected = total / torch.tensor([*weights, 0.4]).sum()
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
