@@ -11,6 +11,7 @@ neither do a block's statistics.
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -25,11 +26,12 @@ STATS_PIECE = 1 << 19
 
 
 class DeltaStats:
-    """(L2 norm, max |delta|) of each block of a delta on `grid`, gathered from the delta's
-    flat elements fed in order, in chunks that end on multiples of `STATS_PIECE` (the last
-    one at the end).
+    """(L2 norm, max |delta|) of each block of a delta on `grid`, gathered from chunks of the
+    delta's flat elements (or of their magnitudes: the statistics are the same) that start
+    and end on multiples of `STATS_PIECE` (the last one at the end), each element once, in
+    any order and from any thread.
 
-    A block's L2 norm is the square root of the sum, in float64 and in order, of
+    A block's L2 norm is the square root of the sum, in float64 and in flat order, of
     its pieces' squared float32 norms; its max |delta| is exact.
     """
 
@@ -38,26 +40,26 @@ class DeltaStats:
         #: Where each block starts, and the end of the last one.
         self._bounds = [start * row_size for start, _ in grid.ranges()] + [numel]
         self._numel = numel
-        self._next = 0
-        self._block = 0
-        #: Per piece: its block, and a float32 (norm, min, max) on the delta's device.
-        self._pieces: list[tuple[int, torch.Tensor]] = []
+        #: Per piece: its elements [start, stop), its block, and a float32 (norm, min, max)
+        #: on the delta's device. (Appending is atomic under the GIL.)
+        self._pieces: list[tuple[int, int, int, torch.Tensor]] = []
 
     def add(self, start: int, values: torch.Tensor) -> None:
-        """Flat elements [start, start + len(values)) of the delta (float32, contiguous)."""
+        """Flat elements [start, start + len(values)) of the delta (float32)."""
         end = start + values.numel()
-        if start != self._next or (end % STATS_PIECE and end != self._numel):
-            raise AssertionError(f"delta statistics fed elements [{start}, {end}) after {self._next}")
+        if start % STATS_PIECE or (end % STATS_PIECE and end != self._numel) or end > self._numel:
+            raise AssertionError(f"delta statistics fed elements [{start}, {end}) of {self._numel}")
         at = start
+        block = bisect.bisect_right(self._bounds, at) - 1
         while at < end:
-            while self._bounds[self._block + 1] <= at:
-                self._block += 1
-            stop = min(end, self._bounds[self._block + 1], (at // STATS_PIECE + 1) * STATS_PIECE)
+            while self._bounds[block + 1] <= at:
+                block += 1
+            stop = min(end, self._bounds[block + 1], (at // STATS_PIECE + 1) * STATS_PIECE)
             piece = values[at - start : stop - start]
             low, high = torch.aminmax(piece)
-            self._pieces.append((self._block, torch.stack([torch.linalg.vector_norm(piece), low, high])))
+            stats = torch.stack([torch.linalg.vector_norm(piece), low, high])
+            self._pieces.append((at, stop, block, stats))
             at = stop
-        self._next = end
 
     def add_all(self, delta: torch.Tensor | Difference) -> None:
         """Every element of `delta` (a Difference is made a piece at a time)."""
@@ -72,12 +74,14 @@ class DeltaStats:
 
     def result(self) -> list[tuple[float, float]]:
         """(L2 norm, max |delta|) of every block; (0, 0) for a block with no elements."""
-        if self._next != self._numel:
-            raise AssertionError(f"delta statistics fed {self._next} of {self._numel} elements")
+        pieces = sorted(self._pieces, key=lambda piece: piece[0])
+        ends = [0] + [stop for _, stop, _, _ in pieces]
+        if [start for start, _, _, _ in pieces] != ends[:-1] or ends[-1] != self._numel:
+            raise AssertionError(f"delta statistics not fed each of the {self._numel} elements once")
         squares = [0.0] * (len(self._bounds) - 1)
         tops = [0.0] * len(squares)
-        values = torch.stack([v for _, v in self._pieces]).tolist() if self._pieces else []
-        for (block, _), (norm, low, high) in zip(self._pieces, values, strict=True):
+        values = torch.stack([v for _, _, _, v in pieces]).tolist() if pieces else []
+        for (_, _, block, _), (norm, low, high) in zip(pieces, values, strict=True):
             squares[block] += norm * norm
             tops[block] = max(tops[block], -low, high)
         return [(math.sqrt(s), top) for s, top in zip(squares, tops, strict=True)]

@@ -49,6 +49,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from mergebuild.methods.delta_stats import STATS_PIECE, DeltaStats
 from mergebuild.methods.fixed_point import masked_sums
 from mergebuild.methods.sparse_delta import Difference, flat_part
 
@@ -58,6 +59,7 @@ _KEYED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: vanishes (a 4096 x 1536 magnitude mask: 5.5 ns per element on one thread against 11 ns
 #: with 32K-element blocks), small enough that the buffers stay in the last-level cache.
 _BLOCK = 1 << 20
+assert _BLOCK % STATS_PIECE == 0, "the rescale feeds block statistics whole blocks"
 #: Below this many elements, kthvalue and a cumsum cost less than the radix select's
 #: fixed work (bincounts and scans of 2^15 + 2^16 counters, about 0.3 ms).
 _SMALL = 1 << 15
@@ -537,10 +539,12 @@ def _stable_order(keys: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.bitwise_and(ordered, (1 << bits) - 1, out=ordered))
 
 
-def rescale_factor(delta: torch.Tensor | Difference, mask: torch.Tensor) -> torch.Tensor | None:
+def rescale_factor(
+    delta: torch.Tensor | Difference, mask: torch.Tensor, stats: DeltaStats | None = None
+) -> torch.Tensor | None:
     """The factor that gives the kept delta (`delta * mask`) the L1 norm `delta` had (float32,
     0-d, on the delta's device; None when either norm is below 1e-7: no rescale; NaN when
-    the delta is not finite).
+    the delta is not finite). With `stats`, the delta's magnitudes are fed to them on the way.
 
     The norms are summed in fixed point (`fixed_point.masked_sums`), so the factor's bits do not
     depend on the thread count, the CPU's vector width or the device, as a float sum's do.
@@ -553,15 +557,22 @@ def rescale_factor(delta: torch.Tensor | Difference, mask: torch.Tensor) -> torc
         torch.empty(size, dtype=torch.int32, device=delta.device),
     )
     flat_mask = mask.reshape(-1)
+    finite = True
     before = after = Fraction(0)
     for start in range(0, n, _BLOCK):
         part = slice(start, min(start + _BLOCK, n))
         values, kept, fixed = (buffer[: part.stop - part.start] for buffer in scratch)
-        sums = masked_sums(flat_part(delta, part, values).abs_(), flat_mask[part], kept, fixed)
-        if sums is None:
-            # An overflowed delta: a NaN factor makes the merged tensor fail its finite check.
-            return torch.tensor(math.nan, dtype=torch.float32, device=delta.device)
-        before, after = before + sums[0], after + sums[1]
+        magnitudes = flat_part(delta, part, values).abs_()
+        if stats is not None:
+            stats.add(start, magnitudes)
+        sums = masked_sums(magnitudes, flat_mask[part], kept, fixed)
+        # After a block that is not finite the rest is still read, for `stats`.
+        finite = finite and sums is not None
+        if sums is not None:
+            before, after = before + sums[0], after + sums[1]
+    if not finite:
+        # An overflowed delta: a NaN factor makes the merged tensor fail its finite check.
+        return torch.tensor(math.nan, dtype=torch.float32, device=delta.device)
     if before < 1e-7 or after < 1e-7:
         return None
     return torch.tensor(float(before / after), dtype=torch.float32, device=delta.device)

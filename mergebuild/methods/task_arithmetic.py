@@ -328,12 +328,13 @@ class TaskArithmeticFamily(Method):
             # delta: made a block (or della's slice of rows) at a time, it is never whole.
             delta = Difference(model, base)
             stats = ctx.delta_stats(i)
-            if stats is not None:
+            if stats is not None and not recipe["rescale"]:
                 stats.add_all(delta)
             mask = self._mask(ctx, i, delta, density)
-            # Only the rescale factor is taken from the delta: the fold makes the kept delta
-            # from the mask and the expert as stored, as from a cached one.
-            factor = sparsify.rescale_factor(delta, mask) if recipe["rescale"] else None
+            # Only the rescale factor is taken from the delta (and, on the way, its block
+            # statistics): the fold makes the kept delta from the mask and the expert as
+            # stored, as from a cached one.
+            factor = sparsify.rescale_factor(delta, mask, stats) if recipe["rescale"] else None
             return SparseDelta(mask, model, factor)
 
         return _Kept(ctx.expert_work(i, recipe, compute), base, weight)

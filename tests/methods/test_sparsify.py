@@ -14,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergebuild import rng
-from mergebuild.methods import fixed_point, sparsify
+from mergebuild.catalog import BlockGrid
+from mergebuild.methods import delta_stats, fixed_point, sparsify
+from mergebuild.methods.delta_stats import DeltaStats, block_stats
 from mergebuild.methods.sparse_delta import Difference, keep_in_place
 
 #: Few distinct magnitudes, so that ties at the threshold are common.
@@ -539,6 +541,21 @@ def test_rescale_factor_of_an_overflowed_delta_is_nan() -> None:
     base = torch.tensor([-3e38, 0.5, 0.0])
     factor = sparsify.rescale_factor(Difference(expert, base), torch.tensor([True, False, True]))
     assert factor is not None and math.isnan(float(factor))
+
+
+def test_rescale_factor_feeds_block_statistics_of_the_whole_delta(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sparsify, "_BLOCK", 256)
+    monkeypatch.setattr(delta_stats, "STATS_PIECE", 128)
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(90, 20, generator=g)
+    expert = (base + 0.01 * torch.randn(90, 20, generator=g)).to(torch.bfloat16)
+    expert[40, 3] = 3e38  # overflows in the middle: the factor is NaN, the statistics still whole
+    base[40, 3] = -3e38
+    grid = BlockGrid.for_shape((90, 20), 512)
+    stats = DeltaStats(grid, 1800)
+    factor = sparsify.rescale_factor(Difference(expert, base), torch.rand(90, 20, generator=g) < 0.5, stats)
+    assert factor is not None and math.isnan(float(factor))
+    assert stats.result() == block_stats(expert.float() - base, grid)
 
 
 def test_rescale_factor_does_not_depend_on_the_thread_count() -> None:
