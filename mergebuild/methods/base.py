@@ -123,7 +123,8 @@ class TensorContext(Protocol):
 
     def delta_stats(self, i: int) -> DeltaStats | None:
         """Where a method that makes model i's whole delta against the base anyway feeds it
-        (every element, in order), so the executor keeps its block statistics for budgets;
+        (every element once, in chunks that end on `STATS_PIECE` multiples), so the executor
+        keeps its block statistics for budgets;
         None when they are not wanted (known already, or a budget cut the expert down)."""
         ...
 
