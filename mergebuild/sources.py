@@ -117,10 +117,19 @@ def _pickle_files(path: Path) -> list[Path]:
 def _index_shards(index: Path) -> list[Path]:
     """The shard files an index lists (each once, sorted); every one must exist."""
     names = sorted(set(_read_index(index).values()))
-    missing = [n for n in names if not (index.parent / n).is_file()]
+    missing = [n for n in names if not _is_file(index.parent / n)]
     if missing:
         raise InputError(f"{index}: lists missing shard {missing[0]!r}")
     return [index.parent / n for n in names]
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False where the name itself is refused (too long, say): Python 3.11
+    raises for those."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _safetensors_files(path: Path) -> list[Path]:
