@@ -293,15 +293,25 @@ def alternate(
 
 
 def measure_io_floor(
-    inputs: Sequence[Path], out_size: int, work_dir: Path, label: str = "io_floor"
+    inputs: Sequence[Path], out_size: int, work_dir: Path, label: str = "io_floor", direct: bool = False
 ) -> Measurement:
-    """The I/O floor: read ``inputs`` once, write and fsync ``out_size`` bytes (cold)."""
+    """The I/O floor: read ``inputs`` once (with O_DIRECT when ``direct``), write and fsync
+    ``out_size`` bytes (cold)."""
     out = work_dir / "io_floor.out"
     remove(out)
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         return run_measured(
-            [sys.executable, IO_FLOOR, "--out", out, "--size", str(out_size), *inputs],
+            [
+                sys.executable,
+                IO_FLOOR,
+                *(["--direct"] if direct else []),
+                "--out",
+                out,
+                "--size",
+                str(out_size),
+                *inputs,
+            ],
             label=label,
             log_dir=work_dir / "logs",
             evict_paths=inputs,

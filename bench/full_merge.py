@@ -1,7 +1,8 @@
 """Full merges: mergebuild vs mergekit 0.1.5 vs the I/O floor, cold page cache.
 
-For each method, the three runners (I/O floor, mergekit, mergebuild) run
-``--repeats`` times, interleaved and rotated (floor, mergekit, mergebuild; then
+For each method, the four runners (the I/O floor read through the page cache and
+read with O_DIRECT, mergekit, mergebuild) run ``--repeats`` times, interleaved
+and rotated (floor, direct floor, mergekit, mergebuild; then direct floor,
 mergekit, mergebuild, floor; ...). Before every run the inputs and the tool's
 cache directory are evicted from the page cache, and the tool's previous output,
 cache and lockfile are deleted, so every run is a cold, from-scratch full
@@ -15,7 +16,9 @@ design, DESIGN.md 5b).
 Table columns: ``wall s`` is the median process wall time plus the time to fsync
 its output afterwards (``sync s``, mergekit does not fsync); ``read`` is the
 median of bytes read from disk (OS counter); ``peak RSS`` the maximum over
-repeats; ``x floor`` = wall / floor wall; ``speed-up`` = mergekit wall / wall.
+repeats; ``x floor`` = wall / floor wall and ``x direct floor`` = wall / direct
+floor wall (mergebuild reads cold ranges with O_DIRECT, so the direct floor is
+its own floor); ``speed-up`` = mergekit wall / wall.
 See ``bench/common.py`` for how each number is measured.
 """
 
@@ -97,7 +100,16 @@ def bench_method(method: str, fam: Family, args: argparse.Namespace, run_mergebu
             sync_paths=[mb_out],
         )
 
-    runners = {"floor": floor}
+    def floor_direct(rep: int) -> Measurement:
+        return measure_io_floor(
+            [p for p in inputs if p.suffix == ".safetensors"],
+            out_size,
+            work,
+            label=f"floor-direct-{rep}",
+            direct=True,
+        )
+
+    runners = {"floor": floor, "floor_direct": floor_direct}
     if not args.skip_mergekit:
         runners["mergekit"] = mergekit
     if run_mergebuild:
@@ -117,10 +129,11 @@ def table_rows(method: str, data: dict[str, Any]) -> list[list[str]]:
     results: dict[str, list[Measurement]] = data["results"]
     errors: dict[str, str] = data["errors"]
     med = {k: median_measurement(v) for k, v in results.items() if v}
-    floor = med.get("floor")
+    floor, floor_direct = med.get("floor"), med.get("floor_direct")
     mk = med.get("mergekit")
     rows = []
-    for tool in ("floor", "mergekit", "mergebuild"):
+    names = {"floor": "I/O floor", "floor_direct": "I/O floor, O_DIRECT"}
+    for tool in ("floor", "floor_direct", "mergekit", "mergebuild"):
         m = med.get(tool)
         if m is None:
             if tool in errors:
@@ -132,13 +145,14 @@ def table_rows(method: str, data: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 method,
-                "I/O floor" if tool == "floor" else tool,
+                names.get(tool, tool),
                 fmt_s(m.total_s),
                 fmt_s(m.sync_s),
                 fmt_bytes(m.read_bytes),
                 fmt_bytes(m.maxrss_bytes),
                 fmt_ratio(ratio(m.total_s, floor.total_s if floor else None)),
-                fmt_ratio(ratio(mk.total_s if mk else None, m.total_s)) if tool != "floor" else "",
+                fmt_ratio(ratio(m.total_s, floor_direct.total_s if floor_direct else None)),
+                fmt_ratio(ratio(mk.total_s if mk else None, m.total_s)) if tool not in names else "",
                 dev,
                 str(len(results[tool])) + (" (then failed)" if tool in errors else ""),
             ]
@@ -225,6 +239,7 @@ HEADERS = [
     "read",
     "peak RSS",
     "x floor",
+    "x direct floor",
     "speed-up vs mergekit",
     "rel. diff vs mergekit",
     "n",

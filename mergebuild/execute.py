@@ -15,7 +15,6 @@ per-expert work (sparsified deltas) is itself looked up and cached by key.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -229,33 +228,22 @@ def _read_block(info: TensorInfo, grid: BlockGrid, block: int) -> memoryview:
     """The bytes of one block of a tensor, read without the kernel's readahead (a budget counts
     the bytes taken from disk, not just those asked for)."""
     start, end = grid.ranges()[block]
-    try:
-        fd = os.open(info.path, os.O_RDONLY)
-    except OSError as e:
-        raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        return read_bytes(info, start * info.row_bytes, end * info.row_bytes, fd=fd)
-    finally:
-        os.close(fd)
+    return read_bytes(info, start * info.row_bytes, end * info.row_bytes, random_access=True)
 
 
 def _read_hashed(info: TensorInfo, block_size: int) -> ReadItem:
     """A tensor's bytes and digests, with its file's stat before and after the read."""
     try:
         before = FileStat.of(info.path)
-        fd = os.open(info.path, os.O_RDONLY)
     except OSError as e:
         raise InputError(f"{info.path}: cannot open: {e.strerror}") from e
     hasher = TensorHasher(info, BlockGrid.for_shape(info.shape, block_size))
     try:
-        buf = read_bytes(info, 0, info.nbytes, fd=fd, on_chunk=hasher.update)
+        buf = read_bytes(info, 0, info.nbytes, on_chunk=hasher.update)
     except InputError as e:
-        # The header was checked against the file's size when it was opened:
-        # a short read now means the file changed under the build.
+        # The header was checked against the file's size when it was opened: a file
+        # that cannot be opened or is short now changed under the build.
         raise ExecutionError(f"{e} (changed during build?)") from e
-    finally:
-        os.close(fd)
     return buf, hasher.digests(), before, FileStat.of(info.path)
 
 

@@ -301,8 +301,8 @@ def test_source_changed_during_the_build_fails_and_publishes_nothing(
     real = execute_module.read_bytes
     touched: list[Path] = []
 
-    def read_then_rewrite(info, start, end, fd=None, on_chunk=None):  # type: ignore[no-untyped-def]
-        data = real(info, start, end, fd=fd, on_chunk=on_chunk)
+    def read_then_rewrite(info, start, end, **kwargs):  # type: ignore[no-untyped-def]
+        data = real(info, start, end, **kwargs)
         if info.path.parent == models / "e0" and not touched:
             # Another process rewrites the checkpoint while the build is reading it.
             st = info.path.stat()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from mergebuild import safetensors_io
 from mergebuild.errors import InputError
 from mergebuild.safetensors_io import SafetensorsFile, bytes_to_tensor, header_for, read_bytes
 
@@ -94,13 +98,96 @@ def test_short_file(tmp_path: Path) -> None:
         SafetensorsFile.open(tmp_path / "s.safetensors")
 
 
-def test_truncated_data_is_reported_on_read(tmp_path: Path) -> None:
-    save_file({"a": torch.randn(100)}, tmp_path / "t.safetensors")
+@pytest.mark.parametrize("direct", [False, True])
+def test_truncated_data_is_reported_on_read(tmp_path: Path, direct: bool) -> None:
+    save_file({"a": torch.randn(5000)}, tmp_path / "t.safetensors")
     info = SafetensorsFile.open(tmp_path / "t.safetensors").tensors["a"]
     raw = (tmp_path / "t.safetensors").read_bytes()
     (tmp_path / "t.safetensors").write_bytes(raw[:-40])
     with pytest.raises(InputError, match="truncated"):
+        read_bytes(info, 0, info.nbytes, direct=direct)
+
+
+def _direct_reads_work(path: Path) -> None:
+    """Skip where the file system has no O_DIRECT (tmpfs): reads there are buffered only."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        pytest.skip("no O_DIRECT on this file system")
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+
+
+def _unaligned_file(tmp_path: Path) -> Path:
+    # A header of odd length puts the tensors at offsets that are not multiples of 4 KiB.
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(1000, 37), "c": torch.arange(9, dtype=torch.int16)}
+    path = tmp_path / "u.safetensors"
+    save_file(tensors, path, metadata={"pad": "x" * 1237})
+    return path
+
+
+def test_direct_reads_give_the_buffered_bytes_and_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _unaligned_file(tmp_path)
+    _direct_reads_work(path)
+    monkeypatch.setattr(safetensors_io, "READ_CHUNK", 3 * safetensors_io.DIRECT_ALIGN)
+    f = SafetensorsFile.open(path)
+    assert any(info.start % safetensors_io.DIRECT_ALIGN for info in f.tensors.values())
+    for info in f.tensors.values():
+        for start, end in [(0, info.nbytes), (info.row_bytes, info.nbytes - info.row_bytes), (2, 2)]:
+            chunks: list[bytes] = []
+            data = read_bytes(
+                info, start, end, on_chunk=lambda c, into=chunks: into.append(bytes(c)), direct=True
+            )
+            buffered = read_bytes(info, start, end, direct=False)
+            assert bytes(data) == bytes(buffered) == path.read_bytes()[info.start + start : info.start + end]
+            assert b"".join(chunks) == bytes(data)
+            if end - start > 2 * safetensors_io.READ_CHUNK:
+                assert len(chunks) > 2
+
+
+def test_a_refused_direct_read_goes_on_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _unaligned_file(tmp_path)
+    _direct_reads_work(path)
+    monkeypatch.setattr(safetensors_io, "READ_CHUNK", safetensors_io.DIRECT_ALIGN)
+    real_preadv, calls = os.preadv, []
+
+    def refusing(fd: int, buffers: list[memoryview], offset: int) -> int:
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        calls.append(direct)
+        if direct and len(calls) > 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", refusing)
+    info = SafetensorsFile.open(path).tensors["b"]
+    data = read_bytes(info, 0, info.nbytes, direct=True)
+    assert bytes(data) == path.read_bytes()[info.start : info.end]
+    assert calls[:3] == [True, True, True] and not any(calls[3:])
+
+
+def test_ranges_out_of_the_page_cache_are_read_direct(tmp_path: Path) -> None:
+    path = _unaligned_file(tmp_path)
+    info = SafetensorsFile.open(path).tensors["b"]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert safetensors_io.cached_share(fd, info.start, info.nbytes) == 1.0  # just written
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        share = safetensors_io.cached_share(fd, info.start, info.nbytes)
+        if share == 1.0:
+            pytest.skip("this file system keeps the file in memory (tmpfs)")
+        assert share < safetensors_io.DIRECT_BELOW_CACHED_SHARE
+        # Read with O_DIRECT, the file stays out of the page cache; a buffered read brings it in.
+        assert bytes(read_bytes(info, 0, info.nbytes)) == path.read_bytes()[info.start : info.end]
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         read_bytes(info, 0, info.nbytes)
+        assert safetensors_io.cached_share(fd, info.start, info.nbytes) < 0.5
+        read_bytes(info, 0, info.nbytes, direct=False)
+        assert safetensors_io.cached_share(fd, info.start, info.nbytes) == 1.0
+    finally:
+        os.close(fd)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
