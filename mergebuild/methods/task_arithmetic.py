@@ -65,6 +65,21 @@ def _compare(chunk: torch.Tensor, positive: bool, out: torch.Tensor) -> torch.Te
     return (torch.gt if positive else torch.lt)(chunk, 0, out=out)
 
 
+def _pick(elected: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor, out: torch.Tensor) -> None:
+    """`torch.where(elected, if_true, if_false)` into `out` (which may be `if_true`, not
+    `if_false`), all contiguous and of one size. On the host as bit operations on the values'
+    bit patterns, `f ^ ((t ^ f) & -elected)`: 0.5 ns per float32 element against 3.5 for
+    torch.where, whose branch per element the elected signs mispredict half the time."""
+    if out.device.type != "cpu":
+        torch.where(elected, if_true, if_false, out=out)
+        return
+    bits = np.uint8 if out.element_size() == 1 else np.int32
+    t, f, o = (x.numpy().view(bits) for x in (if_true, if_false, out))
+    np.bitwise_xor(t, f, out=o)
+    o &= np.negative(elected.numpy().astype(bits))  # all ones where elected
+    o ^= f
+
+
 @functools.cache
 def _folder() -> ThreadPoolExecutor:
     """The one thread that folds models in (one for the process: a thread per tensor would
@@ -108,6 +123,27 @@ class _Kept:
         return kept_delta(mask, expert, base, sparse.factor, out, scratch).mul_(self.weight)
 
 
+@dataclass(frozen=True)
+class _Finish:
+    """What turns the mixed delta into the merged tensor, elementwise (so a chunk at a time):
+    divided by the kept weights when normalizing, times lambda, plus the base."""
+
+    normalize: bool
+    #: The divisor of a normalized mix that does not track kept weights: every model's
+    #: weight, summed in model order (1 where that is below 1e-8 in magnitude).
+    weight_sum: torch.Tensor
+    lam: torch.Tensor | None  # float32 0-d; None for 1
+    base: torch.Tensor
+
+    def apply(self, mixed: torch.Tensor, divisor: torch.Tensor | None, part: slice) -> None:
+        """Finish `mixed`, flat elements `part` of the mix, in place."""
+        if divisor is not None:
+            mixed.div_(divisor)
+        if self.lam is not None:
+            mixed.mul_(self.lam)
+        mixed.add_(self.base.reshape(-1)[part])
+
+
 class _Fold:
     """Running sums over models, folded in one at a time in model order, a chunk of
     `_CLAMP_CHUNK` elements at a time.
@@ -137,9 +173,14 @@ class _Fold:
         self.scratch: torch.Tensor | None = None
         #: Where a model's chunk is made.
         self.kept: torch.Tensor | None = None
+        #: Where the elected signs of a chunk are flagged.
+        self.elected: torch.Tensor | None = None
+        #: The divisors by kept bit set (see `_subset_sums`), made on first use.
+        self.table: torch.Tensor | None = None
 
-    def add(self, i: int, weighted: _Whole | _Kept) -> None:
-        """Fold in model i's weighted delta, made a chunk at a time.
+    def add(self, i: int, weighted: _Whole | _Kept, finish: _Finish | None = None) -> None:
+        """Fold in model i's weighted delta, made a chunk at a time; with `finish` (the last
+        model) each chunk of the sums is then turned into the merged tensor's (see `result`).
 
         The sums start at zero, and `0 + x` is `x + 0` (IEEE: both turn -0 into +0), so
         the first model's sums are its own values plus 0, without zeroed buffers.
@@ -157,12 +198,27 @@ class _Fold:
             # The scratch buffer is free again before `_add_chunk` clamps into it.
             kept, scratch = self._buffer("kept", like)[:size], self._buffer("scratch", like)[:size]
             self._add_chunk(i, part, weighted.chunk(part, kept, scratch), first)
+            if finish is not None:
+                self._finish_chunk(part, finish)
+        if finish is not None:
+            self.pos = self.neg = self.pos_weight = self.neg_weight = None
 
-    def _buffer(self, name: Literal["kept", "scratch"], like: torch.Tensor) -> torch.Tensor:
-        """The float32 scratch buffer `name`, a chunk's size (made on first use)."""
+    def result(self) -> torch.Tensor:
+        """The merged tensor, once the last model was folded in with its `_Finish`: over the
+        total, chunk by chunk while each chunk of the sums was still in the CPU's cache."""
+        assert self.total is not None
+        return self.total
+
+    def _buffer(
+        self,
+        name: Literal["kept", "scratch", "elected"],
+        like: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The scratch buffer `name`, a chunk's size (made on first use)."""
         buf = getattr(self, name)
         if buf is None:
-            buf = torch.empty(min(like.numel(), _CLAMP_CHUNK), dtype=torch.float32, device=like.device)
+            buf = torch.empty(min(like.numel(), _CLAMP_CHUNK), dtype=dtype, device=like.device)
             setattr(self, name, buf)
         return buf
 
@@ -203,41 +259,48 @@ class _Fold:
         self.pos_weight.reshape(-1)[part].add_(_compare(chunk, positive=True, out=flags), alpha=alpha)
         self.neg_weight.reshape(-1)[part].add_(_compare(chunk, positive=False, out=flags), alpha=alpha)
 
-    def resolve(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mixed delta, and (with consensus and tracked weights) the summed weights of
-        the models it kept per element (0 replaced by 1), used by `normalize`. With no
-        model folded in: zeros like `like` (and a divisor of ones, as no model was kept)."""
-        if self.total is None:
-            zeros = torch.zeros_like(like, dtype=torch.float32)
-            return zeros, torch.ones_like(zeros) if self.track_weights else None
-        if not self.consensus:
-            return self.total, None
-        assert self.pos is not None and self.neg is not None
-        # The result is written over the sums it is picked from (elementwise, so each element
-        # is read before it is written): no tensor of the model's size is allocated here.
-        elected_positive = torch.ge(self.total, 0)
-        self.total = None
-        mixed = torch.where(elected_positive, self.pos, self.neg, out=self.pos)
-        if not self.track_weights:
-            return mixed, None
-        assert self.pos_weight is not None and self.neg_weight is not None
-        chosen = torch.where(elected_positive, self.pos_weight, self.neg_weight, out=self.pos_weight)
-        del elected_positive
-        if not self.use_bits:
-            return mixed, chosen.masked_fill_(chosen == 0, 1.0)
-        # The divisors go where the negative sums were; numpy's take indexes with the bit sets
-        # as they are, a chunk at a time (it converts the indices to int64 first). Every bit
-        # set is an index of the table, so "clip" clips nothing; unlike "raise", it does not
-        # copy `out`. A GPU's bit sets index with index_select (int64 indices, a chunk at a time).
-        table, bits, divisors = self._subset_sums(), chosen.reshape(-1), self.neg.reshape(-1)
-        on_host = bits.device.type == "cpu"
-        table = table if on_host else table.to(bits.device)
-        for part in _chunks(bits.numel()):
-            if on_host:
-                np.take(table.numpy(), bits[part].numpy(), out=divisors[part].numpy(), mode="clip")
+    def _finish_chunk(self, part: slice, finish: _Finish) -> None:
+        """Turn flat elements `part` of the sums into the merged tensor's, over the total.
+
+        With consensus the elected sign (that of the total, 0 counting as positive) picks
+        the positive or the negative sum, and, when normalizing, the weights of the models
+        kept on that side; without, a normalized total is divided by all models' weights.
+        """
+        assert self.total is not None
+        total = self.total.reshape(-1)[part]
+        divisor: torch.Tensor | None = finish.weight_sum if finish.normalize else None
+        if self.consensus:
+            assert self.pos is not None and self.neg is not None
+            elected = self._buffer("elected", total, torch.bool)[: total.numel()]
+            if total.device.type == "cpu":
+                np.greater_equal(total.numpy(), 0, out=elected.numpy())
             else:
-                torch.index_select(table, 0, bits[part].long(), out=divisors[part])
-        return mixed, self.neg
+                torch.ge(total, 0, out=elected)
+            _pick(elected, self.pos.reshape(-1)[part], self.neg.reshape(-1)[part], total)
+            if self.track_weights:
+                divisor = self._kept_weight(part, elected)
+        finish.apply(total, divisor, part)
+
+    def _kept_weight(self, part: slice, elected: torch.Tensor) -> torch.Tensor:
+        """The summed weights of the models kept on the elected side of flat elements `part`
+        (0 replaced by 1), in the scratch buffer."""
+        assert self.pos_weight is not None and self.neg_weight is not None
+        chosen = self.pos_weight.reshape(-1)[part]
+        _pick(elected, chosen, self.neg_weight.reshape(-1)[part], chosen)
+        if not self.use_bits:
+            return chosen.masked_fill_(chosen == 0, 1.0)
+        # numpy's take indexes with the bit sets as they are (it converts the indices to
+        # int64 first). Every bit set is an index of the table, so "clip" clips nothing;
+        # unlike "raise", it does not copy `out`. A GPU indexes with index_select.
+        divisors = self._buffer("scratch", chosen)[: chosen.numel()]
+        if self.table is None:
+            table = self._subset_sums()
+            self.table = table if chosen.device.type == "cpu" else table.to(chosen.device)
+        if chosen.device.type == "cpu":
+            np.take(self.table.numpy(), chosen.numpy(), out=divisors.numpy(), mode="clip")
+        else:
+            torch.index_select(self.table, 0, chosen.long(), out=divisors)
+        return divisors
 
     def _subset_sums(self) -> torch.Tensor:
         """Entry b: the float32 sum, in model order, of the weights of the models in bit
@@ -361,36 +424,41 @@ class TaskArithmeticFamily(Method):
         normalize = bool(ctx.param("normalize"))
         fold = _Fold(self.consensus, weights, track_weights=normalize)
         weight_sum = torch.zeros((), dtype=torch.float32)
-        # Model i is folded in on a second thread while model i + 1 is read and sparsified
-        # (torch releases the GIL): folds stay in model order, one at a time.
+        for weight in fold.weights:
+            weight_sum += weight
+        lam = float(ctx.param("lambda"))
+        finish = _Finish(
+            normalize,
+            weight_sum if weight_sum.abs() >= 1e-8 else torch.ones(()),
+            None if lam == 1 else torch.tensor(lam, dtype=torch.float32),
+            base,
+        )
+        # A zero delta (a model a budget left out) stays zero through every sparsifier and
+        # adds nothing to any sum: skipping it gives the same bits, without the work.
+        folded = [i for i in range(ctx.num_models) if not ctx.omitted(i)]
+        if not folded:
+            mixed = torch.zeros_like(base, dtype=torch.float32)
+            untracked = normalize and not fold.track_weights
+            finish.apply(mixed.reshape(-1), finish.weight_sum if untracked else None, slice(None))
+            return mixed
+        # Model i is folded in on a second thread while the next model is read and
+        # sparsified (torch releases the GIL): folds stay in model order, one at a time.
+        # The last fold also finishes the merged tensor, a chunk at a time.
         folder = _folder()
         folding: Future[None] | None = None
         try:
-            for i in range(ctx.num_models):
-                weight_sum += fold.weights[i]
-                if ctx.omitted(i):
-                    # A zero delta stays zero through every sparsifier and adds nothing
-                    # to any sum: skipping it gives the same bits, without the work.
-                    continue
+            for i in folded:
                 weighted = self.weighted_delta(ctx, i, base, fold.weights[i])
                 if folding is not None:
                     folding.result()
-                folding = folder.submit(fold.add, i, weighted)
+                folding = folder.submit(fold.add, i, weighted, finish if i == folded[-1] else None)
                 # The fold owns it now: holding it here too would keep a tensor of the model's
                 # size alive while the next model's delta is made.
                 del weighted
         finally:
             if folding is not None:
                 folding.result()
-        mixed, kept_weight = fold.resolve(base)
-        if normalize:
-            if kept_weight is None:
-                kept_weight = weight_sum if weight_sum.abs() >= 1e-8 else torch.ones(())
-            mixed.div_(kept_weight)
-        lam = float(ctx.param("lambda"))
-        if lam != 1:
-            mixed.mul_(torch.tensor(lam, dtype=torch.float32))
-        return mixed.add_(base)
+        return fold.result()
 
 
 class TaskArithmetic(TaskArithmeticFamily):

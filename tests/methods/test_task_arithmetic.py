@@ -15,7 +15,7 @@ from mergebuild.catalog import BlockGrid
 from mergebuild.methods import delta_stats, get_method, task_arithmetic
 from mergebuild.methods.base import Scalar
 from mergebuild.methods.delta_stats import block_stats
-from mergebuild.methods.task_arithmetic import _Fold, _Whole
+from mergebuild.methods.task_arithmetic import _Finish, _Fold, _Whole
 
 from .conftest import (
     NAME,
@@ -363,6 +363,39 @@ def _weighted(delta: torch.Tensor, weight: float) -> _Whole:
     return _Whole(delta, torch.zeros_like(delta), torch.tensor(weight, dtype=torch.float32), None)
 
 
+def _finish(like: torch.Tensor, normalize: bool) -> _Finish:
+    """No lambda and a zero base: the merged tensor is the mix (divided by the kept weights)."""
+    return _Finish(normalize, torch.ones(()), None, torch.zeros_like(like))
+
+
+def _fold_all(fold: _Fold, weights: list[float], deltas: list[torch.Tensor], normalize: bool) -> torch.Tensor:
+    last = len(weights) - 1
+    for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
+        fold.add(i, _weighted(d, w), _finish(d, normalize) if i == last else None)
+    return fold.result()
+
+
+def _consensus_by_definition(
+    weights: list[float], deltas: list[torch.Tensor], normalize: bool
+) -> torch.Tensor:
+    """Zeros plus each model's part, in model order; the elected side's sum, divided by the
+    weights of the models on that side, summed in model order (0 counting as 1)."""
+    total, pos, neg, pos_weight, neg_weight = (torch.zeros_like(deltas[0]) for _ in range(5))
+    for w, d in zip(weights, deltas, strict=True):
+        weight = torch.tensor(w, dtype=torch.float32)
+        weighted = d * weight
+        total += weighted
+        pos += torch.where(weighted > 0, weighted, 0.0)
+        neg += torch.where(weighted < 0, weighted, 0.0)
+        pos_weight = torch.where(weighted > 0, pos_weight + weight, pos_weight)
+        neg_weight = torch.where(weighted < 0, neg_weight + weight, neg_weight)
+    mixed = torch.where(total >= 0, pos, neg)
+    if normalize:
+        kept = torch.where(total >= 0, pos_weight, neg_weight)
+        mixed = mixed / torch.where(kept == 0, 1.0, kept)
+    return mixed + 0.0
+
+
 @pytest.mark.parametrize("models", [1, 5, 9, 16])
 def test_consensus_weight_bit_sets_give_the_float_sums_bit_for_bit(models: int) -> None:
     g = torch.Generator().manual_seed(models)
@@ -370,37 +403,28 @@ def test_consensus_weight_bit_sets_give_the_float_sums_bit_for_bit(models: int) 
     deltas = [
         torch.randn(300, generator=g).masked_fill_(torch.rand(300, generator=g) < 0.3, 0) for _ in weights
     ]
-    results = []
+    expected = _consensus_by_definition(weights, deltas, normalize=True)
     for use_bits in (True, False):
         fold = _Fold(consensus=True, weights=weights, track_weights=True)
         fold.use_bits = use_bits
-        for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
-            fold.add(i, _weighted(d, w))
-        results.append(fold.resolve(deltas[0]))
-    (mixed_bits, divisor_bits), (mixed_float, divisor_float) = results
-    assert torch.equal(mixed_bits, mixed_float)
-    assert divisor_bits is not None and divisor_float is not None
-    assert torch.equal(divisor_bits.view(torch.int32), divisor_float.view(torch.int32))
+        merged = _fold_all(fold, weights, deltas, normalize=True)
+        assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
 
 
-def test_consensus_sums_are_the_one_pass_sums_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("normalize", [False, True])
+def test_consensus_sums_are_the_one_pass_sums_chunk_by_chunk(
+    monkeypatch: pytest.MonkeyPatch, normalize: bool
+) -> None:
     g = torch.Generator().manual_seed(7)
     weights = [0.7, -0.4, 1.3]
-    deltas = [torch.randn(5, 61, generator=g) for _ in weights]
-    # What the fold's sums are by definition: zeros plus each model's part, in model order.
-    total, pos, neg = (torch.zeros(5, 61) for _ in range(3))
-    for w, d in zip(weights, deltas, strict=True):
-        weighted = d * torch.tensor(w, dtype=torch.float32)
-        total += weighted
-        pos += torch.where(weighted > 0, weighted, 0.0)
-        neg += torch.where(weighted < 0, weighted, 0.0)
-    expected = torch.where(total >= 0, pos, neg)
+    deltas = [
+        torch.randn(5, 61, generator=g).masked_fill_(torch.rand(5, 61, generator=g) < 0.2, 0) for _ in weights
+    ]
+    expected = _consensus_by_definition(weights, deltas, normalize)
     monkeypatch.setattr(task_arithmetic, "_CLAMP_CHUNK", 7)  # 305 elements: 44 chunks, one partial
-    fold = _Fold(consensus=True, weights=weights, track_weights=False)
-    for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
-        fold.add(i, _weighted(d, w))
-    mixed, _ = fold.resolve(deltas[0])
-    assert torch.equal(mixed.view(torch.int32), expected.view(torch.int32))
+    fold = _Fold(consensus=True, weights=weights, track_weights=normalize)
+    merged = _fold_all(fold, weights, deltas, normalize)
+    assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
 
 
 @pytest.mark.parametrize("method", DETERMINISTIC + RANDOM)
