@@ -17,7 +17,7 @@ import fcntl
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +69,10 @@ class GcReport:
     kept_bytes: int
 
 
+#: A part of a blob's bytes (a numpy array's are `memoryview(array)`).
+BlobPiece = bytes | bytearray | memoryview
+
+
 class Cache:
     """The cache directory: catalog and blobs. Every other stage asks this."""
 
@@ -87,18 +91,25 @@ class Cache:
 
     # -- blobs -----------------------------------------------------------------
 
-    def write_blob(self, data: bytes | bytearray | memoryview) -> tuple[str, int]:
-        """Write a blob's file; return (digest, size). Its catalog row comes with `record_blobs`,
-        from the thread that owns the catalog; any thread may call this."""
-        digest = xxhash.xxh3_128_hexdigest(data)
+    def write_blob(self, pieces: Sequence[BlobPiece]) -> tuple[str, int]:
+        """Write a blob's file, the concatenation of `pieces`; return (digest, size). Its catalog
+        row comes with `record_blobs`, from the thread that owns the catalog; any thread may
+        call this. The pieces are hashed and written one by one, never joined: joining
+        hundreds of MB into one bytes object would hold the GIL all the while."""
+        hasher = xxhash.xxh3_128()
+        size = 0
+        for piece in pieces:
+            hasher.update(piece)
+            size += memoryview(piece).nbytes
+        digest = hasher.hexdigest()
         path = self._path(digest)
-        size = len(memoryview(data).cast("B"))
         if not path.is_file() or path.stat().st_size != size:
             path.parent.mkdir(exist_ok=True)
             temp = path.with_name(f".{digest}.{uuid.uuid4().hex[:8]}.tmp")
             try:
                 with open(temp, "wb") as f:
-                    f.write(data)
+                    for piece in pieces:
+                        f.write(piece)
                 os.replace(temp, path)
             except OSError:
                 temp.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 from mergebuild import rng
-from mergebuild.cache import Cache
+from mergebuild.cache import BlobPiece, Cache
 from mergebuild.catalog import BlockGrid, FileStat, TensorDigests, TensorHasher
 from mergebuild.errors import ExecutionError, InputError
 from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_key, node_record
@@ -247,8 +247,8 @@ def _read_hashed(info: TensorInfo, block_size: int) -> ReadItem:
     return buf, hasher.digests(), before, FileStat.of(info.path)
 
 
-#: A blob's bytes as the blob writer takes them.
-_Blob = bytes | bytearray | memoryview
+#: A blob's bytes as the blob writer takes them: its pieces, in order.
+_Blob = Sequence[BlobPiece]
 
 
 #: Bytes of results waiting for the blob writer at most (one result may be bigger).
@@ -433,7 +433,7 @@ class SourceReader:
         self.counters.add(info.path, len(buf))
         if keep:
             assert self.blob_writer is not None
-            self.blob_writer.submit(_block_key(digests.blocks[block]), lambda: buf, len(buf))
+            self.blob_writer.submit(_block_key(digests.blocks[block]), lambda: [buf], len(buf))
         return bytes_to_tensor(buf, info.torch_dtype, shape)
 
     def _read_bytes(self, info: TensorInfo) -> tuple[memoryview, TensorDigests]:

@@ -256,7 +256,7 @@ def test_a_blob_that_does_not_hash_as_recorded_is_a_miss(tmp_path: Path) -> None
     cache = Cache(tmp_path / "cache")
     try:
         data = bytes(range(256)) * 64
-        digest, _ = cache.write_blob(data)
+        digest, _ = cache.write_blob([data])
         result = Result(digest, 16, 100, xxhash.xxh3_128_hexdigest(data[16:116]))
         cache.record_results([("k", result)])
         assert cache.read(result) == data[16:116]
@@ -264,7 +264,7 @@ def test_a_blob_that_does_not_hash_as_recorded_is_a_miss(tmp_path: Path) -> None
         path.write_bytes(data[:50])  # truncated
         assert cache.read(result) is None and cache.events.bad_blobs == [digest]
         assert cache.result("k") is None and not path.exists()
-        digest, _ = cache.write_blob(data)
+        digest, _ = cache.write_blob([data])
         flipped = bytearray(data)
         flipped[20] ^= 1
         path.write_bytes(bytes(flipped))

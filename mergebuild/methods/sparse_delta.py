@@ -148,8 +148,10 @@ def kept_delta(
     return kept.mul_(factor) if factor is not None else kept
 
 
-def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> bytes:
-    """The blob form: header, the packed mask, and the kept values in `dtype` (the expert's storage dtype).
+def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> list[memoryview]:
+    """The blob form, as its pieces in order: header, the packed mask, and the kept values in
+    `dtype` (the expert's storage dtype). The pieces are not joined (the cache hashes and
+    writes them one by one: a join would hold the GIL while it copies).
 
     For 2-byte dtypes the kept values are coded against the base: a fine-tune
     moves most weights by a few units in the last place, so the difference of
@@ -160,7 +162,7 @@ def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> bytes
     vectorized pass: no entropy coder, which cost more CPU time than the merge
     itself for the saving of about a tenth of the blob. The passes run a chunk
     of `_ENCODE_CHUNK` elements at a time, so the temporaries are a chunk's
-    size, and the pieces are joined once, into the blob.
+    size.
     """
     mask = sparse.mask.reshape(-1).numpy()
     values, base_values = sparse.expert.reshape(-1), base.reshape(-1)
@@ -197,12 +199,13 @@ def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> bytes
         "sections": [sum(piece.nbytes for piece in pieces) for pieces in sections],
     }
     raw_header = json.dumps(header, sort_keys=True).encode()
-    pieces = [piece for pieces in sections for piece in pieces]
-    return b"".join((_MAGIC, struct.pack("<Q", len(raw_header)), raw_header, *pieces))
+    start = memoryview(b"".join((_MAGIC, struct.pack("<Q", len(raw_header)), raw_header)))
+    return [start, *(memoryview(piece.reshape(-1).view(np.uint8)) for pieces in sections for piece in pieces)]
 
 
 def decode(data: bytes, base: torch.Tensor) -> SparseDelta:
-    """Inverse of `encode`, given the same base (the blob's digest was checked before this is called).
+    """Inverse of `encode` (its pieces joined), given the same base (the blob's digest was
+    checked before this is called).
 
     The expert comes back exact where the mask is set (the base's values
     elsewhere): in its storage dtype when that has 2 bytes, else as float32.

@@ -1,4 +1,4 @@
-"""The cached form of a sparsified delta: decode(encode(x)) gives back the same kept delta, bit for bit."""
+"""The cached form of a sparsified delta: decode(joined(x)) gives back the same kept delta, bit for bit."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import torch
 
 from mergebuild.methods import sparse_delta
 from mergebuild.methods.sparse_delta import SparseDelta, decode, encode, kept_delta
+
+
+def joined(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> bytes:
+    """The blob that `encode`'s pieces make."""
+    return b"".join(encode(sparse, base, dtype))
 
 
 def _pair(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +35,7 @@ def test_round_trip_gives_the_same_kept_delta(
     sparse = SparseDelta(mask, expert.to(torch.float32), factor)
     base32 = base.to(torch.float32)
 
-    back = decode(encode(sparse, base, dtype), base)
+    back = decode(joined(sparse, base, dtype), base)
 
     assert torch.equal(back.mask, mask)
     assert (back.factor is None) == (factor is None)
@@ -49,7 +54,7 @@ def test_values_that_do_not_fit_a_byte_are_kept_whole() -> None:
     mask = torch.tensor([True, True, True, True, False])
     sparse = SparseDelta(mask, expert.to(torch.float32), None)
 
-    back = decode(encode(sparse, base, torch.bfloat16), base)
+    back = decode(joined(sparse, base, torch.bfloat16), base)
 
     assert torch.equal(back.expert[mask].to(torch.float32), expert[mask].to(torch.float32))
 
@@ -57,7 +62,7 @@ def test_values_that_do_not_fit_a_byte_are_kept_whole() -> None:
 def test_the_blob_is_a_fraction_of_the_expert() -> None:
     base, expert = _pair(torch.bfloat16, (512, 512), seed=3)
     mask = torch.rand(base.shape, generator=torch.Generator().manual_seed(4)) < 0.5
-    blob = encode(SparseDelta(mask, expert.to(torch.float32), None), base, torch.bfloat16)
+    blob = joined(SparseDelta(mask, expert.to(torch.float32), None), base, torch.bfloat16)
     # Mask: 1 bit per element; codes: 1 byte per kept one; plus the escapes (2 bytes each).
     assert len(blob) < 0.45 * expert.numel() * 2
 
@@ -67,7 +72,7 @@ def test_an_empty_mask_and_a_full_one() -> None:
     base32 = base.to(torch.float32)
     for mask in (torch.zeros(base.shape, dtype=torch.bool), torch.ones(base.shape, dtype=torch.bool)):
         sparse = SparseDelta(mask, expert.to(torch.float32), None)
-        back = decode(encode(sparse, base, torch.bfloat16), base)
+        back = decode(joined(sparse, base, torch.bfloat16), base)
         back_delta = kept_delta(back.mask, back.expert, base32, back.factor)
         assert torch.equal(back_delta, kept_delta(mask, sparse.expert, base32, None))
 
@@ -86,10 +91,10 @@ def test_coding_in_chunks_gives_the_blob_of_one_pass(
     base, expert = _pair(dtype, (1000,), seed=6)
     mask = torch.rand(base.shape, generator=torch.Generator().manual_seed(7)) < 0.5
     sparse = SparseDelta(mask, expert, torch.tensor(1.25))
-    whole = encode(sparse, base.to(torch.float32), dtype)
+    whole = joined(sparse, base.to(torch.float32), dtype)
     monkeypatch.setattr(sparse_delta, "_ENCODE_CHUNK", 64)
 
-    chunked = encode(sparse, base.to(torch.float32), dtype)
+    chunked = joined(sparse, base.to(torch.float32), dtype)
 
     assert chunked == whole
     back = decode(chunked, base)
