@@ -103,10 +103,13 @@ class _Keys:
     of |x|, so -0.0 and +0.0 share the key 0.
     """
 
-    def __init__(self, x: torch.Tensor | Difference, absolute: bool) -> None:
+    def __init__(self, x: torch.Tensor | Difference, absolute: bool, stats: DeltaStats | None = None) -> None:
         self.source = x
         self.n = x.numel()
         self.absolute = absolute
+        #: Fed each element's float32 value once, in the first pass that reaches it.
+        self.stats = stats
+        self.fed = 0
         size = min(_BLOCK, self.n)
         self.buf = torch.empty(size, dtype=torch.int32, device=x.device)
         self.aux = torch.empty(0 if absolute else size, dtype=torch.int32, device=x.device)
@@ -122,6 +125,9 @@ class _Keys:
             part = slice(lo, min(lo + _BLOCK, self.n))
             m = part.stop - lo
             src = flat_part(self.source, part, self.f32[:m] if self.f32 is not None else None)
+            if self.stats is not None and lo == self.fed:
+                self.stats.add(lo, src)
+                self.fed = part.stop
             yield lo, _key_values(src, self.absolute, self.buf[:m], self.aux[:m])
 
     def sample(self) -> np.ndarray:
@@ -373,14 +379,20 @@ def _whole(x: torch.Tensor | Difference) -> torch.Tensor:
     return x.whole() if isinstance(x, Difference) else x
 
 
-def _rank_range(x: torch.Tensor | Difference, lo_rank: int, hi_rank: int, absolute: bool) -> torch.Tensor:
-    """keep_rank_range of x, or of |x| when `absolute`."""
+def _rank_range(
+    x: torch.Tensor | Difference, lo_rank: int, hi_rank: int, absolute: bool, stats: DeltaStats | None = None
+) -> torch.Tensor:
+    """keep_rank_range of x, or of |x| when `absolute`; `stats` (if any) is fed every element."""
     n = x.numel()
     lo_rank, hi_rank = max(lo_rank, 0), min(hi_rank, n)
     if hi_rank <= lo_rank:
+        if stats is not None:
+            stats.add_all(x)
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     if x.dtype not in _KEYED_DTYPES or n < _SMALL:
         values = _whole(x)
+        if stats is not None:
+            stats.add(0, values.reshape(-1))
         return _keep_rank_range_by_kthvalue(values.abs() if absolute else values, lo_rank, hi_rank)
 
     def bounds_of(low: _OrderStat | None, high: _OrderStat | None) -> tuple[_Bound | None, _Bound | None]:
@@ -397,7 +409,7 @@ def _rank_range(x: torch.Tensor | Difference, lo_rank: int, hi_rank: int, absolu
             upper = _Bound(high.key, tied_in=True, flip_after=keep if keep < high.equal else 0)
         return lower, upper
 
-    keys = _Keys(x, absolute)
+    keys = _Keys(x, absolute, stats)
     lower_rank = lo_rank if lo_rank > 0 else None
     upper_rank = hi_rank - 1 if hi_rank < n else None
     return _rank_bounded_mask(keys, lower_rank, upper_rank, bounds_of).reshape(x.shape)
@@ -436,15 +448,23 @@ def keep_rank_range(magnitudes: torch.Tensor, lo_rank: int, hi_rank: int) -> tor
     return _rank_range(magnitudes, lo_rank, hi_rank, absolute=False)
 
 
-def magnitude(delta: torch.Tensor | Difference, density: float) -> torch.Tensor:
+def magnitude(
+    delta: torch.Tensor | Difference, density: float, stats: DeltaStats | None = None
+) -> torch.Tensor:
     """Keep the k = max(1, int(density * n)) largest |delta|; of the elements tied
-    with the k-th largest, those with the lowest flat index."""
+    with the k-th largest, those with the lowest flat index. `stats` (if any) is fed
+    every element of the delta, from the pass that makes the mask."""
     n = delta.numel()
     k = max(1, int(density * n))
     if k >= n:
+        if stats is not None:
+            stats.add_all(delta)
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     if delta.dtype not in _KEYED_DTYPES or n < _SMALL:
-        w = _whole(delta).abs().reshape(-1)
+        whole = _whole(delta)
+        if stats is not None:
+            stats.add(0, whole.reshape(-1))
+        w = whole.abs().reshape(-1)
         threshold = torch.kthvalue(w, n - k + 1).values
         keep = w > threshold
         room = k - int(keep.sum())
@@ -457,16 +477,20 @@ def magnitude(delta: torch.Tensor | Difference, density: float) -> torch.Tensor:
         room = k - (n - stat.below - stat.equal)  # how many of the tied elements are kept: 1 .. equal
         return _Bound(stat.key, tied_in=True, flip_after=room if room < stat.equal else 0), None
 
-    return _rank_bounded_mask(_Keys(delta, absolute=True), n - k, None, bounds_of).reshape(delta.shape)
+    keys = _Keys(delta, absolute=True, stats=stats)
+    return _rank_bounded_mask(keys, n - k, None, bounds_of).reshape(delta.shape)
 
 
-def magnitude_outliers(delta: torch.Tensor | Difference, density: float, gamma: float) -> torch.Tensor:
-    """Drop the int(gamma * n) largest |delta| and enough of the smallest to keep int(density * n)."""
+def magnitude_outliers(
+    delta: torch.Tensor | Difference, density: float, gamma: float, stats: DeltaStats | None = None
+) -> torch.Tensor:
+    """Drop the int(gamma * n) largest |delta| and enough of the smallest to keep int(density * n);
+    `stats` (if any) is fed every element of the delta."""
     n = delta.numel()
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)
-    return _rank_range(delta, n_bottom, n_bottom + target, absolute=True)
+    return _rank_range(delta, n_bottom, n_bottom + target, absolute=True, stats=stats)
 
 
 #: Float64 uniforms of a tensor's flat elements `part`, as a flat tensor.

@@ -391,9 +391,13 @@ class TaskArithmeticFamily(Method):
             # delta: made a block (or della's slice of rows) at a time, it is never whole.
             delta = Difference(model, base)
             stats = ctx.delta_stats(i)
-            if stats is not None and not recipe["rescale"]:
-                stats.add_all(delta)
-            mask = self._mask(ctx, i, delta, density)
+            # The block statistics ride along a pass over the delta that is made anyway: the
+            # rescale's, else a magnitude sparsifier's (random and della masks feed none).
+            mask_stats = None if recipe["rescale"] else stats
+            if mask_stats is not None and self.sparsifier in ("random", "della"):
+                mask_stats.add_all(delta)
+                mask_stats = None
+            mask = self._mask(ctx, i, delta, density, mask_stats)
             # Only the rescale factor is taken from the delta (and, on the way, its block
             # statistics): the fold makes the kept delta from the mask and the expert as
             # stored, as from a cached one.
@@ -403,12 +407,19 @@ class TaskArithmeticFamily(Method):
         return _Kept(ctx.expert_work(i, recipe, compute), base, weight)
 
     def _mask(
-        self, ctx: TensorContext, i: int, delta: torch.Tensor | Difference, density: float
+        self,
+        ctx: TensorContext,
+        i: int,
+        delta: torch.Tensor | Difference,
+        density: float,
+        stats: DeltaStats | None,
     ) -> torch.Tensor:
+        """Model i's keep-mask; a magnitude sparsifier feeds `stats` (the others get None)."""
         if self.sparsifier == "magnitude":
-            return sparsify.magnitude(delta, density)
+            return sparsify.magnitude(delta, density, stats)
         if self.sparsifier == "magnitude_outliers":
-            return sparsify.magnitude_outliers(delta, density, float(ctx.model_param(i, "gamma")))
+            return sparsify.magnitude_outliers(delta, density, float(ctx.model_param(i, "gamma")), stats)
+        assert stats is None
         if self.sparsifier == "random":
             return ctx.keep_mask(i, density)
         uniforms = functools.partial(ctx.uniform, i)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from unittest import mock
 
@@ -604,3 +604,58 @@ def test_a_difference_made_block_by_block_gives_the_mask_of_the_whole_delta(
             sparsify.magnitude_outliers(lazy, density, gamma),
             sparsify.magnitude_outliers(delta, density, gamma),
         )
+
+
+def _stats_fed(make_mask: Callable[[DeltaStats], torch.Tensor], numel: int, grid: BlockGrid) -> DeltaStats:
+    stats = DeltaStats(grid, numel)
+    make_mask(stats)
+    return stats
+
+
+@pytest.mark.parametrize("case", ["bracketed", "heavy tie", "small", "keep all", "outliers"])
+def test_magnitude_sparsifiers_feed_each_element_to_the_block_statistics_once(case: str) -> None:
+    # The statistics ride along the mask's first pass (the bracketed pass, else the radix
+    # select's first), or the whole delta of a small tensor.
+    g = torch.Generator().manual_seed(5)
+    n = 999 if case == "small" else 2 * sparsify._BLOCK + 999
+    base = torch.randn(n, generator=g)
+    if case == "heavy tie":  # 70 % of the delta is 0, where the threshold falls
+        base = base.to(torch.bfloat16).float()
+        moved = base + torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
+    else:
+        moved = base + torch.randn(n, generator=g) * 0.01
+    expert = moved.to(torch.bfloat16)
+    delta = Difference(expert, base)
+    grid = BlockGrid.for_shape((n,), 4 * 2**20 // 7)  # blocks that do not end on stats pieces
+    expected = block_stats(delta, grid)
+    density = 1.0 if case == "keep all" else 0.5
+    selects = mock.Mock(wraps=sparsify._select)
+    with mock.patch.object(sparsify, "_select", selects):
+        if case == "outliers":
+            stats = _stats_fed(lambda s: sparsify.magnitude_outliers(delta, density, 0.05, s), n, grid)
+            mask = sparsify.magnitude_outliers(delta, density, 0.05)
+        else:
+            stats = _stats_fed(lambda s: sparsify.magnitude(delta, density, s), n, grid)
+            mask = sparsify.magnitude(delta, density)
+    assert stats.result() == expected
+    assert selects.call_count == (2 if case == "heavy tie" else 0)  # once with stats, once without
+    if case != "outliers":
+        assert torch.equal(mask, reference_magnitude(delta.whole(), density))
+
+
+def test_a_pass_given_up_part_way_feeds_the_rest_in_the_next() -> None:
+    # A bracket that gathers too much gives up part-way; the radix select's passes then
+    # feed only the elements not fed yet.
+    g = torch.Generator().manual_seed(6)
+    n = 3 * sparsify._BLOCK + 5
+    delta = Difference(torch.randn(n, generator=g).to(torch.bfloat16), torch.randn(n, generator=g))
+    grid = BlockGrid.for_shape((n,), 1 << 20)
+    stats = DeltaStats(grid, n)
+    keys = sparsify._Keys(delta, absolute=True, stats=stats)
+    for start, _ in keys:
+        if start >= sparsify._BLOCK:
+            break
+    assert keys.fed == 2 * sparsify._BLOCK
+    for _ in range(2):
+        assert sum(block.numel() for _, block in keys) == n
+    assert stats.result() == block_stats(delta, grid)
