@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from fractions import Fraction
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -452,12 +453,43 @@ def test_a_large_delta_takes_one_bracketed_pass(dtype: torch.dtype) -> None:
             )
 
 
-def test_a_heavy_tie_at_the_threshold_is_resolved_by_the_radix_select() -> None:
+@pytest.mark.parametrize("density", [0.5, 0.9])
+def test_a_heavy_tie_at_the_threshold_is_resolved_from_the_tie_counts(density: float) -> None:
     # Most of the delta is exactly zero and the threshold falls among the zeros: gathering
-    # them would cost more than the radix select's passes, so that runs, with the same mask.
+    # them would cost too much, so one pass counts the ties and the blocks whose ties are
+    # dropped are made again; no radix select.
     g = torch.Generator().manual_seed(12)
-    n = sparsify._BLOCK + 999
+    n = 3 * sparsify._BLOCK + 999
     delta = torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
+    selects = mock.Mock(wraps=sparsify._select)
+    tied = mock.Mock(wraps=sparsify._tied_mask)
+    with mock.patch.object(sparsify, "_select", selects), mock.patch.object(sparsify, "_tied_mask", tied):
+        assert torch.equal(sparsify.magnitude(delta, density), reference_magnitude(delta, density))
+    assert selects.call_count == 0 and tied.call_count == 1
+
+
+@pytest.mark.parametrize("lo", [0.2, 0.5, 0.69])
+def test_a_lower_bound_in_a_heavy_tie_drops_the_first_tied_elements(lo: float) -> None:
+    # keep_rank_range with only a lower rank: of the elements tied at it, the first ones in
+    # flat order rank below it and are dropped.
+    g = torch.Generator().manual_seed(13)
+    n = 2 * sparsify._BLOCK + 77
+    values = torch.rand(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
+    selects = mock.Mock(wraps=sparsify._select)
+    with mock.patch.object(sparsify, "_select", selects):
+        mask = sparsify.keep_rank_range(values, int(lo * n), n)
+    assert torch.equal(mask, reference_keep_rank_range(values, int(lo * n), n))
+    assert selects.call_count == 0
+
+
+def test_a_tie_the_sample_misplaces_falls_back_to_the_radix_select(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(14)
+    n = 2 * sparsify._BLOCK + 5
+    delta = torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.3)
+    # A sample of one repeated key that is not at the threshold: the tie pass finds the
+    # rank outside that key's ties and gives up.
+    misleading = np.full(2048, int(torch.tensor(0.5).view(torch.int32)), dtype=np.int32)
+    monkeypatch.setattr(sparsify._Keys, "sample", lambda self: misleading)
     selects = mock.Mock(wraps=sparsify._select)
     with mock.patch.object(sparsify, "_select", selects):
         assert torch.equal(sparsify.magnitude(delta, 0.5), reference_magnitude(delta, 0.5))
@@ -614,8 +646,8 @@ def _stats_fed(make_mask: Callable[[DeltaStats], torch.Tensor], numel: int, grid
 
 @pytest.mark.parametrize("case", ["bracketed", "heavy tie", "small", "keep all", "outliers"])
 def test_magnitude_sparsifiers_feed_each_element_to_the_block_statistics_once(case: str) -> None:
-    # The statistics ride along the mask's first pass (the bracketed pass, else the radix
-    # select's first), or the whole delta of a small tensor.
+    # The statistics ride along the mask's first pass (the bracketed pass, or the pass that
+    # counts a heavy tie), or the whole delta of a small tensor.
     g = torch.Generator().manual_seed(5)
     n = 999 if case == "small" else 2 * sparsify._BLOCK + 999
     base = torch.randn(n, generator=g)
@@ -638,7 +670,7 @@ def test_magnitude_sparsifiers_feed_each_element_to_the_block_statistics_once(ca
             stats = _stats_fed(lambda s: sparsify.magnitude(delta, density, s), n, grid)
             mask = sparsify.magnitude(delta, density)
     assert stats.result() == expected
-    assert selects.call_count == (2 if case == "heavy tie" else 0)  # once with stats, once without
+    assert selects.call_count == 0
     if case != "outliers":
         assert torch.equal(mask, reference_magnitude(delta.whole(), density))
 
