@@ -211,7 +211,7 @@ def read_bytes(
     readahead around a buffered read (a budget counts the bytes taken from disk).
     """
     offset, length = info.start + start, end - start
-    fd = _open(info.path, os.O_RDONLY)
+    fd = _open(info.path)
     try:
         if random_access:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -227,9 +227,9 @@ def read_bytes(
         os.close(fd)
 
 
-def _open(path: Path, flags: int) -> int:
+def _open(path: Path) -> int:
     try:
-        return os.open(path, flags)
+        return os.open(path, os.O_RDONLY)
     except OSError as e:
         raise InputError(f"{path}: cannot open: {e.strerror}") from e
 

@@ -392,12 +392,8 @@ class TaskArithmeticFamily(Method):
             delta = Difference(model, base)
             stats = ctx.delta_stats(i)
             # The block statistics ride along a pass over the delta that is made anyway: the
-            # rescale's, else a magnitude sparsifier's (random and della masks feed none).
-            mask_stats = None if recipe["rescale"] else stats
-            if mask_stats is not None and self.sparsifier in ("random", "della"):
-                mask_stats.add_all(delta)
-                mask_stats = None
-            mask = self._mask(ctx, i, delta, density, mask_stats)
+            # rescale's, else the mask's.
+            mask = self._mask(ctx, i, delta, density, None if recipe["rescale"] else stats)
             # Only the rescale factor is taken from the delta (and, on the way, its block
             # statistics): the fold makes the kept delta from the mask and the expert as
             # stored, as from a cached one.
@@ -414,12 +410,14 @@ class TaskArithmeticFamily(Method):
         density: float,
         stats: DeltaStats | None,
     ) -> torch.Tensor:
-        """Model i's keep-mask; a magnitude sparsifier feeds `stats` (the others get None)."""
+        """Model i's keep-mask; `stats` (if any) is fed every element of the delta, by the
+        magnitude sparsifiers' own first pass, else by a pass of its own."""
         if self.sparsifier == "magnitude":
             return sparsify.magnitude(delta, density, stats)
         if self.sparsifier == "magnitude_outliers":
             return sparsify.magnitude_outliers(delta, density, float(ctx.model_param(i, "gamma")), stats)
-        assert stats is None
+        if stats is not None:
+            stats.add_all(delta)
         if self.sparsifier == "random":
             return ctx.keep_mask(i, density)
         uniforms = functools.partial(ctx.uniform, i)
