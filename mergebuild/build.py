@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mergebuild import freshness, lockfile
+from mergebuild import freshness, lockfile, parallel
 from mergebuild import spec as spec_module
 from mergebuild.cache import Cache, Result, exclusive
 from mergebuild.catalog import FileStat
@@ -51,17 +51,15 @@ class BuildOptions:
     on_wait: Callable[[str], None] | None = None
     #: Where the arithmetic runs: "cpu", "cuda" or "cuda:N" (reads and writes stay on the host).
     device: str = "cpu"
-    #: Threads torch's CPU arithmetic uses (None: leave torch's setting as it is; the CLI
-    #: passes `default_jobs()`).
+    #: Threads for CPU arithmetic (None: leave the settings as they are; the CLI passes
+    #: `default_jobs()`): a tensor's independent parts are spread over this many, and torch's
+    #: ops use half as many each (`parallel.set_jobs`).
     jobs: int | None = None
 
 
 def default_jobs() -> int:
-    """Threads for CPU arithmetic when `--jobs` is not given: half the cores this process may
-    use, at least one. Two threads compute at once (the method's and the fold's) beside the
-    readers, so each gets half the cores: on 2 cores, one torch thread each built the 630M x 8
-    dare_ties merge in 57.5 s against 73.7 s with torch's default of one per core."""
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    """Threads for CPU arithmetic when `--jobs` is not given: the cores this process may use."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def load_spec(path: Path, args: JsonnetArgs) -> Spec:
@@ -102,7 +100,7 @@ def build(spec_path: Path, options: BuildOptions) -> BuildSummary:
     if options.jobs is not None:
         if options.jobs < 1:
             raise InputError(f"--jobs must be at least 1, got {options.jobs}")
-        torch.set_num_threads(options.jobs)
+        parallel.set_jobs(options.jobs)
     spec = load_spec(spec_path, options.jsonnet)
     lock_file = lockfile.lock_path(spec.path)
     if options.dry_run:

@@ -172,9 +172,7 @@ def build_command(
     ] = "cpu",
     jobs: Annotated[
         int | None,
-        typer.Option(
-            "--jobs", "-j", min=1, help="Threads for CPU arithmetic (default: half the cores, at least one)."
-        ),
+        typer.Option("--jobs", "-j", min=1, help="Threads for CPU arithmetic (default: the usable cores)."),
     ] = None,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = None,

@@ -524,6 +524,8 @@ class _Context:
         self._base: torch.Tensor | None = None
         #: The whole base as stored: per-expert blobs are coded against its bit patterns.
         self._stored_base = stored_base
+        self._streams: dict[int, int] = {}
+        self._streams_lock = threading.Lock()
 
     def base(self) -> torch.Tensor:
         self._base = _finite(
@@ -631,8 +633,13 @@ class _Context:
         return self._rows[0] * math.prod(self.shape[1:]), numel
 
     def _stream(self, i: int) -> int:
-        info = self._node.models[i][1]
-        return rng.stream_key(self._seed, self._reader.digests(info).content, self.name)
+        # Methods ask for draws from several threads at once (`parallel`): the digest is
+        # looked up once, under a lock.
+        with self._streams_lock:
+            if i not in self._streams:
+                info = self._node.models[i][1]
+                self._streams[i] = rng.stream_key(self._seed, self._reader.digests(info).content, self.name)
+            return self._streams[i]
 
     def expert_work(
         self, i: int, recipe: Mapping[str, Scalar | str], compute: Callable[[], SparseDelta]

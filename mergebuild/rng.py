@@ -8,6 +8,7 @@ The hash runs on the host over blocks of `_CHUNK` elements whose uint64
 temporaries stay in the CPU cache; a whole-tensor pass per hash step (nine of
 them) would be bound by memory bandwidth and page faults instead. `keep_mask` gives
 `uniform(...) < density` exactly without materializing the float64 uniforms.
+Both spread parts of `_PART` elements over the merge's threads (`parallel`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 import xxhash
 
+from mergebuild import parallel
+
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
@@ -28,6 +31,8 @@ _MASK64 = (1 << 64) - 1
 _STEPS = ((np.uint64(30), np.uint64(_MIX1)), (np.uint64(27), np.uint64(_MIX2)), (np.uint64(31), None))
 #: Elements per block: two uint64 buffers of 256 KiB stay in the CPU's cache.
 _CHUNK = 1 << 15
+#: Elements per part a thread takes.
+_PART = 1 << 20
 
 
 def stream_key(seed: int, digest: bytes, name: str) -> int:
@@ -67,8 +72,13 @@ def uniform(key: int, start: int, count: int) -> torch.Tensor:
     The value is the hash's top 53 bits times 2**-53 (see `_hashed_blocks`).
     """
     out = np.empty(count, dtype=np.float64)
-    for lo, hi, x in _hashed_blocks(key, start, count):
-        np.multiply(np.right_shift(x, np.uint64(11), out=x), 2.0**-53, out=out[lo:hi])
+
+    def fill(first: int) -> None:
+        part = out[first : first + _PART]
+        for lo, hi, x in _hashed_blocks(key, start + first, part.size):
+            np.multiply(np.right_shift(x, np.uint64(11), out=x), 2.0**-53, out=part[lo:hi])
+
+    parallel.map_parts(fill, range(0, count, _PART))
     return torch.from_numpy(out)
 
 
@@ -86,6 +96,11 @@ def keep_mask(key: int, start: int, count: int, density: float) -> torch.Tensor:
         return torch.ones(count, dtype=torch.bool)
     bound = np.uint64(math.ceil(density * 2.0**53) << 11)  # T * 2^11 <= 2^64 - 2^11
     out = np.empty(count, dtype=np.bool_)
-    for lo, hi, x in _hashed_blocks(key, start, count):
-        np.less(x, bound, out=out[lo:hi])
+
+    def fill(first: int) -> None:
+        part = out[first : first + _PART]
+        for lo, hi, x in _hashed_blocks(key, start + first, part.size):
+            np.less(x, bound, out=part[lo:hi])
+
+    parallel.map_parts(fill, range(0, count, _PART))
     return torch.from_numpy(out)

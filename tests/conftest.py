@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
+from mergebuild import parallel
 from tests.families import Family, make_bert_family, make_llama_family
 
 
@@ -27,3 +31,16 @@ def write_spec(path: Path, spec: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=2))
     return path
+
+
+@contextmanager
+def jobs(count: int) -> Iterator[None]:
+    """Run the block with `count` threads for CPU arithmetic (`parallel.set_jobs`), then
+    restore the settings it found."""
+    before, torch_threads = parallel.jobs(), torch.get_num_threads()
+    parallel.set_jobs(count)
+    try:
+        yield
+    finally:
+        parallel.set_jobs(before)
+        torch.set_num_threads(torch_threads)

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergebuild import parallel
 from mergebuild.build import BuildOptions, build, default_jobs
 from mergebuild.errors import InputError
 from mergebuild.execute import compute_device
-from tests.conftest import write_spec
+from tests.conftest import jobs, write_spec
 from tests.families import Family
 from tests.test_build import load_dir, ties_spec
 from tests.test_cli import assert_one_line_error, run
@@ -49,23 +50,22 @@ def _build(
     return load_dir(out)
 
 
-def test_jobs_do_not_change_the_bits(tmp_path: Path, llama: Family) -> None:
-    threads = torch.get_num_threads()
-    try:
-        one = _build(tmp_path, llama, "ties", "one", jobs=1)
-        assert torch.get_num_threads() == 1
-        three = _build(tmp_path, llama, "ties", "three", device="cpu", jobs=3)
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(threads)
-    assert one.keys() == three.keys()
-    assert all(torch.equal(one[k], three[k]) for k in one)
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_jobs_do_not_change_the_bits(tmp_path: Path, llama: Family, method: str) -> None:
+    with jobs(2):  # restores the settings the builds make
+        one = _build(tmp_path, llama, method, "one", jobs=1)
+        assert (torch.get_num_threads(), parallel.jobs()) == (1, 1)
+        four = _build(tmp_path, llama, method, "four", device="cpu", jobs=4)
+        # The method's ops and the fold's run at once: each gets half.
+        assert (torch.get_num_threads(), parallel.jobs()) == (2, 4)
+    assert one.keys() == four.keys()
+    assert all(torch.equal(one[k], four[k]) for k in one)
 
 
-def test_default_jobs_are_half_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    for cores, jobs in ((1, 1), (2, 1), (3, 1), (16, 8)):
+def test_default_jobs_are_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores in (1, 2, 3, 16):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
-        assert default_jobs() == jobs
+        assert default_jobs() == cores
 
 
 def test_compute_device_names() -> None:

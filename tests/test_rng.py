@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergebuild import rng
+from tests.conftest import jobs
 
 FAST = settings(max_examples=60, deadline=None, database=None, derandomize=True)
 
@@ -32,6 +33,8 @@ keys = st.one_of(st.sampled_from([0, 1, 2**63, 2**64 - 1]), st.integers(0, 2**64
 starts = st.one_of(st.integers(0, 1000), st.integers(0, 2**62))
 counts = st.integers(0, 300)
 chunks = st.sampled_from([1, 2, 7, 64, rng._CHUNK])
+#: Elements per thread's part (`rng._PART`): draws do not depend on how they are split.
+parts = st.sampled_from([1, 5, 64, rng._PART])
 densities = st.one_of(
     st.sampled_from([0.0, -0.5, 2.0**-53, 1e-300, 0.5, 1 - 2.0**-53, 1.0, 1.5, math.inf, math.nan]),
     st.floats(0.0, 1.0),
@@ -48,20 +51,20 @@ def test_known_values() -> None:
 
 
 @FAST
-@given(key=keys, start=starts, count=counts, chunk=chunks)
-def test_uniform_matches_the_reference(key: int, start: int, count: int, chunk: int) -> None:
-    with mock.patch.object(rng, "_CHUNK", chunk):
+@given(key=keys, start=starts, count=counts, chunk=chunks, part=parts)
+def test_uniform_matches_the_reference(key: int, start: int, count: int, chunk: int, part: int) -> None:
+    with mock.patch.object(rng, "_CHUNK", chunk), mock.patch.object(rng, "_PART", part), jobs(3):
         u = rng.uniform(key, start, count)
     assert u.dtype == torch.float64
     assert torch.equal(u, reference_uniform(key, start, count))
 
 
 @FAST
-@given(key=keys, start=starts, count=counts, chunk=chunks, density=densities)
+@given(key=keys, start=starts, count=counts, chunk=chunks, part=parts, density=densities)
 def test_keep_mask_is_uniform_below_density(
-    key: int, start: int, count: int, chunk: int, density: float
+    key: int, start: int, count: int, chunk: int, part: int, density: float
 ) -> None:
-    with mock.patch.object(rng, "_CHUNK", chunk):
+    with mock.patch.object(rng, "_CHUNK", chunk), mock.patch.object(rng, "_PART", part), jobs(3):
         mask = rng.keep_mask(key, start, count, density)
     assert mask.dtype == torch.bool
     assert torch.equal(mask, reference_uniform(key, start, count) < density)

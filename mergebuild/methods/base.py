@@ -107,7 +107,7 @@ class TensorContext(Protocol):
 
         Each value is a pure function of (seed, model i's tensor digest, tensor
         name, flat element index), so it never depends on schedule, block size or
-        how the elements are asked for.
+        how the elements are asked for. It may be called from several threads at once.
         """
         ...
 

@@ -53,6 +53,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from mergebuild import parallel
 from mergebuild.methods.delta_stats import STATS_PIECE, DeltaStats
 from mergebuild.methods.fixed_point import masked_sums
 from mergebuild.methods.sparse_delta import Difference, flat_part
@@ -562,60 +563,104 @@ def della(
     with density + epsilon; a row of one element with probability density.
     Tied magnitudes rank by position in the row. An element is kept when its
     uniform (from `uniforms`, asked for the flat elements of one slice of rows at
-    a time) is below its probability.
+    a time, from several threads at once) is below its probability.
     """
     shape = tuple(delta.shape) if len(delta.shape) >= 2 else (1, delta.numel())
     keep = torch.empty(shape, dtype=torch.bool, device=delta.device)
-    # Rows are independent: slices of the leading dimension of about `_BLOCK` elements at a
-    # time keep the sort's int64 temporaries, the uniforms and the float64 probabilities a
-    # slice's size, and a `Difference` is made a slice at a time, never whole.
+    # Rows are independent: slices of the leading dimension of about `_BLOCK` elements keep
+    # the sort's int64 temporaries, the uniforms and the float64 probabilities a slice's
+    # size, a `Difference` is made a slice at a time, never whole, and the slices run on
+    # the merge's threads side by side.
     row_size = math.prod(shape[1:])
     step = max(1, _BLOCK // max(1, row_size))
-    for start in range(0, shape[0], step):
+    size = min(step, shape[0]) * row_size
+    # On the host the keys of float32, float16 and bfloat16 deltas sort in reused buffers.
+    on_host = delta.device.type == "cpu" and delta.dtype in _KEYED_DTYPES
+    scratch = parallel.Scratch(lambda: _DellaBuffers.of_size(size))
+
+    def mask_rows(start: int) -> None:
         stop = min(start + step, shape[0])
         part = slice(start * row_size, stop * row_size)
-        rows = flat_part(delta, part).reshape((stop - start, *shape[1:]))
-        keep[start:stop] = _della_rows(rows, uniforms(part).reshape(rows.shape), density, epsilon)
+        rows_shape = (stop - start, *shape[1:])
+        u = uniforms(part).reshape(rows_shape)
+        if not on_host:
+            _della_rows(flat_part(delta, part).reshape(rows_shape), u, density, epsilon, keep[start:stop])
+            return
+        with scratch.held() as buffers:
+            rows = flat_part(delta, part, buffers.values[: part.stop - part.start]).view(rows_shape)
+            _della_rows(rows, u, density, epsilon, keep[start:stop], buffers)
+
+    parallel.map_parts(mask_rows, range(0, shape[0], step))
     return keep.reshape(delta.shape)
 
 
-def _della_rows(rows: torch.Tensor, u: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """della's mask of `rows` (at least 2-D, rows along dimension 1) given its uniforms `u`."""
-    if rows.dtype in _KEYED_DTYPES:
+class _DellaBuffers(NamedTuple):
+    """Working space for della's mask of one slice of rows on the host."""
+
+    values: torch.Tensor  # float32: the slice's delta, then its keys
+    order: torch.Tensor  # int64
+    ranks: torch.Tensor  # int64
+    probs: torch.Tensor  # float64
+
+    @classmethod
+    def of_size(cls, size: int) -> _DellaBuffers:
+        dtypes = (torch.float32, torch.int64, torch.int64, torch.float64)
+        return cls(*(torch.empty(size, dtype=dtype) for dtype in dtypes))
+
+
+def _della_rows(
+    rows: torch.Tensor,
+    u: torch.Tensor,
+    density: float,
+    epsilon: float,
+    out: torch.Tensor,
+    buffers: _DellaBuffers | None = None,
+) -> None:
+    """Write della's mask of `rows` (at least 2-D, rows along dimension 1), given its uniforms
+    `u`, into `out` (bool, rows' shape). With `buffers` (on the host), `rows` is their float32
+    `values`, which it overwrites, and its temporaries are theirs."""
+    n = rows.numel()
+    moved = rows.movedim(1, -1).shape
+    if buffers is not None:
         # The int32 keys of |delta| sort faster than the floats, in the same order.
-        flat = rows.reshape(-1).to(torch.float32)
-        keys = flat.view(torch.int32).bitwise_and(0x7FFFFFFF).view(rows.shape).movedim(1, -1)
-        on_host = keys.device.type == "cpu"
-        order = _stable_order(keys) if on_host else torch.sort(keys, dim=-1, stable=True).indices
-        del flat, keys
+        keys = rows.view(torch.int32).bitwise_and_(0x7FFFFFFF).movedim(1, -1)
+        order = _stable_order(keys, buffers.order[:n].view(moved))
+    elif rows.dtype in _KEYED_DTYPES:
+        keys = rows.to(torch.float32).view(torch.int32).bitwise_and(0x7FFFFFFF).movedim(1, -1)
+        order = torch.sort(keys, dim=-1, stable=True).indices
     else:
         order = torch.argsort(rows.abs().movedim(1, -1), dim=-1, stable=True)
-    length = order.shape[-1]
+    length = moved[-1]
     # Keep probability by rank (the same float64 arithmetic as per element).
     if length > 1:
         rank_norm = torch.arange(length, dtype=torch.float64, device=rows.device) / (length - 1)
     else:
         rank_norm = torch.full((1,), 0.5, dtype=torch.float64, device=rows.device)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    ranks = torch.empty_like(order)
+    ranks = torch.empty_like(order) if buffers is None else buffers.ranks[:n].view(moved)
     ranks.scatter_(-1, order, torch.arange(length, device=rows.device).expand_as(order))
-    del order
-    return (u.movedim(1, -1) < probs[ranks]).movedim(-1, 1)
+    if buffers is None:
+        kept_probs = probs.take(ranks)
+    else:
+        kept_probs = torch.take(probs, ranks, out=buffers.probs[:n].view(moved))
+    torch.lt(u.movedim(1, -1), kept_probs, out=out.movedim(1, -1))
 
 
-def _stable_order(keys: torch.Tensor) -> torch.Tensor:
+def _stable_order(keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The indices a stable ascending sort of non-negative int32 `keys` along the last
-    dimension gives, from a plain value sort: each key with its position in the low bits is
-    unique and orders like (key, position), so the sorted values' low bits are the order.
-    On one thread numpy's SIMD sort of those int64 values takes 17 ns per element against
-    40 for torch's stable argsort (rows of 1536). It runs on one core where torch's sort
-    uses two: della's build time stays the same for 18 % less CPU time."""
+    dimension gives, written into `out` (int64, contiguous, keys' shape), from a plain value
+    sort: each key with its position in the low bits is unique and orders like (key,
+    position), so the sorted values' low bits are the order. On one thread numpy's SIMD
+    sort of those int64 values (in place) takes 12.6 ns per element against 40 for torch's
+    stable argsort (rows of 1536)."""
     length = keys.shape[-1]
     bits = max(1, (length - 1).bit_length())
     positions = torch.arange(length, dtype=torch.int64, device=keys.device)
-    composite = keys.to(torch.int64).bitwise_left_shift_(bits).bitwise_or_(positions)
-    ordered = np.sort(composite.numpy(), axis=-1)
-    return torch.from_numpy(np.bitwise_and(ordered, (1 << bits) - 1, out=ordered))
+    out.copy_(keys).bitwise_left_shift_(bits).bitwise_or_(positions)
+    ordered = out.numpy()
+    ordered.sort(axis=-1)
+    np.bitwise_and(ordered, (1 << bits) - 1, out=ordered)
+    return out
 
 
 def rescale_factor(
@@ -627,28 +672,33 @@ def rescale_factor(
 
     The norms are summed in fixed point (`fixed_point.masked_sums`), so the factor's bits do not
     depend on the thread count, the CPU's vector width or the device, as a float sum's do.
-    The delta is read `_BLOCK` elements at a time: a `Difference` is never made whole."""
+    The delta is read `_BLOCK` elements at a time (a `Difference` is never made whole), the
+    blocks on the merge's threads side by side."""
     n = delta.numel()
     size = min(n, _BLOCK)
-    scratch = (
-        torch.empty(size, dtype=torch.float32, device=delta.device),
-        torch.empty(size, dtype=torch.float32, device=delta.device),
-        torch.empty(size, dtype=torch.int32, device=delta.device),
-    )
     flat_mask = mask.reshape(-1)
-    finite = True
-    before = after = Fraction(0)
-    for start in range(0, n, _BLOCK):
+    scratch = parallel.Scratch(
+        lambda: (
+            torch.empty(size, dtype=torch.float32, device=delta.device),
+            torch.empty(size, dtype=torch.float32, device=delta.device),
+            torch.empty(size, dtype=torch.int32, device=delta.device),
+        )
+    )
+
+    def sums_of(start: int) -> tuple[Fraction, Fraction] | None:
         part = slice(start, min(start + _BLOCK, n))
-        values, kept, fixed = (buffer[: part.stop - part.start] for buffer in scratch)
-        magnitudes = flat_part(delta, part, values).abs_()
-        if stats is not None:
-            stats.add(start, magnitudes)
-        sums = masked_sums(magnitudes, flat_mask[part], kept, fixed)
-        # After a block that is not finite the rest is still read, for `stats`.
-        finite = finite and sums is not None
-        if sums is not None:
-            before, after = before + sums[0], after + sums[1]
+        with scratch.held() as buffers:
+            values, kept, fixed = (buffer[: part.stop - part.start] for buffer in buffers)
+            magnitudes = flat_part(delta, part, values).abs_()
+            if stats is not None:
+                stats.add(start, magnitudes)
+            return masked_sums(magnitudes, flat_mask[part], kept, fixed)
+
+    # Every block is read, for `stats`, even after one that is not finite.
+    sums = parallel.map_parts(sums_of, range(0, n, _BLOCK))
+    finite = all(block is not None for block in sums)
+    before = sum((block[0] for block in sums if block is not None), Fraction(0))
+    after = sum((block[1] for block in sums if block is not None), Fraction(0))
     if not finite:
         # An overflowed delta: a NaN factor makes the merged tensor fail its finite check.
         return torch.tensor(math.nan, dtype=torch.float32, device=delta.device)

@@ -19,6 +19,7 @@ from mergebuild.catalog import BlockGrid
 from mergebuild.methods import delta_stats, fixed_point, sparsify
 from mergebuild.methods.delta_stats import DeltaStats, block_stats
 from mergebuild.methods.sparse_delta import Difference, keep_in_place
+from tests.conftest import jobs
 
 #: Few distinct magnitudes, so that ties at the threshold are common.
 coarse = st.lists(st.integers(-4, 4), min_size=1, max_size=120).map(
@@ -496,14 +497,16 @@ def test_a_tie_the_sample_misplaces_falls_back_to_the_radix_select(monkeypatch: 
     assert selects.call_count == 1
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("shape", [(700, 3000), (9, 4000, 300), (5, 1 << 21)])
-def test_della_over_slices_of_rows_equals_the_reference(shape: tuple[int, ...]) -> None:
+def test_della_over_slices_of_rows_equals_the_reference(shape: tuple[int, ...], threads: int) -> None:
     # Big enough that della works through several slices of rows (or, with rows longer
-    # than a slice, one row at a time), with bf16 ties.
+    # than a slice, one row at a time), with bf16 ties, on one thread or side by side.
     g = torch.Generator().manual_seed(11)
     delta = (torch.randn(shape, generator=g) * 0.001).to(torch.bfloat16).float()
     uniforms = torch.rand(shape, dtype=torch.float64, generator=g)
-    mask = sparsify.della(delta, flat(uniforms), 0.5, 0.1)
+    with jobs(threads):
+        mask = sparsify.della(delta, flat(uniforms), 0.5, 0.1)
     assert torch.equal(mask, reference_della(delta, uniforms, 0.5, 0.1))
 
 
@@ -585,24 +588,24 @@ def test_rescale_factor_feeds_block_statistics_of_the_whole_delta(monkeypatch: p
     base[40, 3] = -3e38
     grid = BlockGrid.for_shape((90, 20), 512)
     stats = DeltaStats(grid, 1800)
-    factor = sparsify.rescale_factor(Difference(expert, base), torch.rand(90, 20, generator=g) < 0.5, stats)
+    with jobs(3):  # the blocks feed them from three threads
+        factor = sparsify.rescale_factor(
+            Difference(expert, base), torch.rand(90, 20, generator=g) < 0.5, stats
+        )
     assert factor is not None and math.isnan(float(factor))
     assert stats.result() == block_stats(expert.float() - base, grid)
 
 
 def test_rescale_factor_does_not_depend_on_the_thread_count() -> None:
-    # Big enough that torch splits a float sum between threads (and then rounds differently).
+    # Big enough that torch splits a float sum between threads (and then rounds differently),
+    # and that its blocks are summed on several threads.
     g = torch.Generator().manual_seed(5)
     delta = (torch.randn(3_000_000, generator=g) * 0.01).to(torch.bfloat16).float()
     mask = torch.rand(delta.shape, generator=g) < 0.3
-    threads = torch.get_num_threads()
-    try:
-        factors = []
-        for count in (1, 2, 3, 4):
-            torch.set_num_threads(count)
+    factors = []
+    for count in (1, 2, 3, 4, 8):
+        with jobs(count):
             factors.append(sparsify.rescale_factor(delta, mask))
-    finally:
-        torch.set_num_threads(threads)
     assert all(f is not None and torch.equal(f, factors[0]) for f in factors)
     # And it is the exact ratio of the two norms, rounded (math.fsum rounds each exactly).
     before, after = math.fsum(delta.abs().tolist()), math.fsum(delta[mask].abs().tolist())
@@ -616,7 +619,9 @@ def test_stable_order_is_torchs_stable_argsort(shape: tuple[int, ...]) -> None:
     keys[..., 0] = 0x7FFFFFFF  # the largest key
     moved = keys.movedim(1, -1) if keys.dim() > 2 else keys
     expected = torch.sort(moved, dim=-1, stable=True).indices
-    assert torch.equal(sparsify._stable_order(moved), expected)
+    out = torch.full(moved.shape, -1, dtype=torch.int64)
+    assert sparsify._stable_order(moved, out) is out
+    assert torch.equal(out, expected)
 
 
 @EQUIV
