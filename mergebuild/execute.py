@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 import xxhash
 
-from mergebuild import memory, rng
+from mergebuild import rng
 from mergebuild.cache import BlobPiece, Cache
 from mergebuild.catalog import BlockGrid, FileStat, TensorDigests, TensorHasher
 from mergebuild.errors import ExecutionError, InputError
@@ -764,9 +764,6 @@ def _execute_nodes(
         if tensor is None:
             tensor = _compute(node, target, reader, report, allocation, device)
             outcome = "copied" if node.action == "copy" else "computed"
-            # What the merge freed goes back to the OS now, before the next one's temporaries
-            # land in its holes (see `memory.release_freed`).
-            memory.release_freed()
         reader.release()
         record = node_record(node, target.method, seed, _input_digests(node, reader), allocation)
         key = xxhash.xxh3_128_hexdigest(record.encode())

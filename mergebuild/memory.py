@@ -14,14 +14,6 @@ a 619M x 8 family 0.16 GiB of peak RSS (2.18 -> 2.02 GiB) and no time. The
 threads allocate a few large blocks per tensor, so they hardly contend for the
 one lock.
 
-`release_freed` (what the executor does after each tensor it merges): glibc keeps
-memory freed in the middle of its heap mapped, and with several threads
-allocating and freeing temporaries of many sizes the holes rarely fit the next
-request whole, so the heap kept growing: a della build's RSS crept from 0.9 to
-1.8 GB over 149 tensors of the same few shapes. Handing the free pages back
-after each tensor (`malloc_trim`, a few ms) kept it at 0.6 to 0.9 GB between
-the largest tensors, in the same time.
-
 `tune_allocator` (an experiment the kernel benchmark can switch on):
 glibc serves every allocation above M_MMAP_THRESHOLD (at most 32 MiB by its
 dynamic rule) with a fresh mmap and unmaps it on free. Merge kernels allocate
@@ -64,12 +56,10 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    if not all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return None
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.mallopt.restype = ctypes.c_int
-    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
-    libc.malloc_trim.restype = ctypes.c_int
     return libc
 
 
@@ -79,13 +69,6 @@ def use_one_arena() -> bool:
     no-op on other C libraries and platforms)."""
     libc = _glibc()
     return libc is not None and libc.mallopt(_M_ARENA_MAX, 1) == 1
-
-
-def release_freed() -> bool:
-    """Give the pages of memory freed on glibc's heaps back to the OS (see the module
-    docstring). Returns True if glibc released any, False otherwise (and elsewhere)."""
-    libc = _glibc()
-    return libc is not None and libc.malloc_trim(0) == 1
 
 
 def tune_allocator(
