@@ -639,10 +639,7 @@ def _della_rows(
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
     ranks = torch.empty_like(order) if buffers is None else buffers.ranks[:n].view(moved)
     ranks.scatter_(-1, order, torch.arange(length, device=rows.device).expand_as(order))
-    if buffers is None:
-        kept_probs = probs.take(ranks)
-    else:
-        kept_probs = torch.take(probs, ranks, out=buffers.probs[:n].view(moved))
+    kept_probs = torch.take(probs, ranks, out=None if buffers is None else buffers.probs[:n].view(moved))
     torch.lt(u.movedim(1, -1), kept_probs, out=out.movedim(1, -1))
 
 
