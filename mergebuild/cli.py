@@ -375,6 +375,36 @@ def eval_command(
     print(json.dumps(loaded.evaluated, indent=2, sort_keys=True))
 
 
+@app.command("import-mergekit")
+def import_mergekit_command(
+    config: Annotated[Path, typer.Argument(help="The mergekit YAML config.")],
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="The spec's output directory (default: out/<config name>)."),
+    ] = None,
+    spec_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--spec-dir",
+            help="Where the spec will live: relative model paths are rewritten to resolve from there "
+            "(default: the current directory, which mergekit resolves them from).",
+        ),
+    ] = None,
+) -> None:
+    """Print the spec equivalent to a mergekit config (Jsonnet: JSON under comments that say what differs)."""
+    from mergebuild.mergekit_config import import_mergekit
+
+    imported = import_mergekit(config, output, spec_dir)
+    for reference in imported.unresolved:
+        err.print(
+            f"[yellow]warning:[/yellow] {escape(reference)} is neither a local path nor in the Hugging Face "
+            "cache; the spec names it as written",
+            highlight=False,
+            soft_wrap=True,
+        )
+    print(imported.render(), end="")
+
+
 @app.command("verify")
 def verify_command(
     spec: SpecArg,

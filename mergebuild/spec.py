@@ -391,17 +391,21 @@ def validate(value: dict) -> dict[str, MergeSpec]:
         items, prefix = {"default": value}, ""
     targets: dict[str, MergeSpec] = {}
     for name, raw_target in items.items():
-        where = f"{prefix}{name}." if prefix else ""
-        try:
-            targets[name] = MergeSpec.model_validate(raw_target)
-        except ValidationError as e:
-            raise SpecError(_schema_message(e, where)) from None
+        targets[name] = parse_merge(raw_target, f"{prefix}{name}." if prefix else "")
     outputs: dict[str, str] = {}
     for name, target in targets.items():
         if target.output in outputs:
             raise SpecError(f"targets {outputs[target.output]!r} and {name!r} write the same output")
         outputs[target.output] = name
     return targets
+
+
+def parse_merge(raw: object, where: str = "") -> MergeSpec:
+    """One merge of a spec, validated; SpecError names the first bad field (after `where`)."""
+    try:
+        return MergeSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_schema_message(e, where)) from None
 
 
 def _schema_message(error: ValidationError, prefix: str) -> str:
