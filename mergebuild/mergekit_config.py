@@ -139,9 +139,7 @@ class _Translator:
     unresolved: list[str] = field(default_factory=list)
 
     def translate(self, config: dict[str, Any], output: str) -> ImportedSpec:
-        unknown = sorted(set(map(str, config)) - _CONFIG_FIELDS)
-        if unknown:
-            raise SpecError(f"{unknown[0]}: mergekit 0.1.5 configs have no such field")
+        _fields(config, "", _CONFIG_FIELDS, "configs", "a YAML mapping")
         if not isinstance(config.get("merge_method"), str):
             raise SpecError("merge_method: required, the name of a method (e.g. ties)")
         if config.get("modules"):
@@ -217,11 +215,9 @@ class _Translator:
         entries = []
         for i, entry in enumerate(models):
             where = f"models.{i}"
-            if not isinstance(entry, dict) or "model" not in entry:
-                raise SpecError(f"{where}: a mapping with a model (and parameters)")
-            extra = sorted(set(map(str, entry)) - {"model", "parameters"})
-            if extra:
-                raise SpecError(f"{where}.{extra[0]}: mergekit 0.1.5 models have no such field")
+            _fields(
+                entry, where, {"model", "parameters"}, "models", "a mapping with a model (and parameters)"
+            )
             entries.append(self._entry(entry["model"], entry.get("parameters"), where))
         return entries
 
@@ -236,17 +232,14 @@ class _Translator:
         self, slices: object, base: object
     ) -> tuple[list[dict[str, Any]], object, dict[str, Any]]:
         """The models, base and slice parameters of a config whose one slice covers every layer."""
-        if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        if not isinstance(slices, list) or len(slices) != 1:
             raise SpecError(
                 "slices: only one slice over every layer has a spec equivalent; stacking or cutting "
                 "layers (a frankenmerge) cannot be written as a mergebuild spec"
             )
         (output_slice,) = slices
-        extra = sorted(
-            set(map(str, output_slice)) - {"sources", "base_model", "parameters", "residual_weight"}
-        )
-        if extra:
-            raise SpecError(f"slices.0.{extra[0]}: mergekit 0.1.5 slices have no such field")
+        fields = {"sources", "base_model", "parameters", "residual_weight"}
+        _fields(output_slice, "slices.0", fields, "slices", "a mapping with sources")
         if output_slice.get("residual_weight") is not None:
             raise SpecError("slices.0.residual_weight: not supported")
         sources = output_slice.get("sources")
@@ -255,11 +248,14 @@ class _Translator:
         entries = []
         for i, source in enumerate(sources):
             where = f"slices.0.sources.{i}"
-            if not isinstance(source, dict) or "model" not in source:
-                raise SpecError(f"{where}: a mapping with a model, a layer_range (and parameters)")
-            extra = sorted(set(map(str, source)) - {"model", "layer_range", "parameters"})
-            if extra:
-                raise SpecError(f"{where}.{extra[0]}: mergekit 0.1.5 slice sources have no such field")
+            fields = {"model", "layer_range", "parameters"}
+            _fields(
+                source,
+                where,
+                fields,
+                "slice sources",
+                "a mapping with a model, a layer_range (and parameters)",
+            )
             entry = self._entry(source["model"], source.get("parameters"), where)
             layer_range = source.get("layer_range")
             if not (
@@ -370,20 +366,27 @@ class _Translator:
         source = config.get("tokenizer_source")
         where = "tokenizer_source"
         if tokenizer is not None:
-            if not isinstance(tokenizer, dict):
-                raise SpecError("tokenizer: a mapping with a source")
+            fields = {"source", "tokens", "pad_to_multiple_of"}
+            _fields(tokenizer, "tokenizer", fields, "tokenizer configs", "a mapping with a source")
             for name in ("tokens", "pad_to_multiple_of"):
                 if tokenizer.get(name):
                     raise SpecError(f"tokenizer.{name}: changes the embeddings' rows; not supported")
-            extra = sorted(set(map(str, tokenizer)) - {"source", "tokens", "pad_to_multiple_of"})
-            if extra:
-                raise SpecError(f"tokenizer.{extra[0]}: mergekit 0.1.5 tokenizer configs have no such field")
             source, where = tokenizer.get("source"), "tokenizer.source"
         if source is None or source == "base":
             return None  # the base's tokenizer files are copied, as without the field
         if source == "union":
             raise SpecError(f"{where}: 'union' merges vocabularies and resizes the embeddings; not supported")
         return self._locate(source, where)
+
+
+def _fields(value: object, where: str, fields: set[str], kind: str, shape: str) -> None:
+    """Refuse `value` (at `where`) unless it is a mapping of some of mergekit's `fields` for
+    `kind`, with a model when `fields` has one; `shape` says what it should be."""
+    if not isinstance(value, dict) or ("model" in fields and "model" not in value):
+        raise SpecError(f"{where}: {shape}" if where else shape)
+    extra = sorted(set(map(str, value)) - fields)
+    if extra:
+        raise SpecError(f"{where + '.' if where else ''}{extra[0]}: mergekit 0.1.5 {kind} have no such field")
 
 
 def _reference(reference: object, where: str) -> tuple[str, str | None]:
