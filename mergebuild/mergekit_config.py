@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from mergebuild.errors import SpecError
+from mergebuild.methods import REGISTRY
 from mergebuild.spec import parse_merge
 
 #: The top-level fields of a mergekit 0.1.5 config.
@@ -170,13 +171,13 @@ class _Translator:
             self.notes.append(
                 "chat_template is not carried over: the base's tokenizer files are copied as they are"
             )
-        if spec["method"] in {"dare_linear", "dare_ties", "della", "della_linear"}:
+        merge = parse_merge(spec | {"output": output})  # the spec's own checks, and its method
+        if REGISTRY[merge.method].draws:
             self.notes.append(
                 "seed 0: the random draws are a function of the seed and of each element's position, "
                 "so they differ from mergekit's (DESIGN.md section 5)"
             )
         spec["output"] = output
-        parse_merge(spec)  # the spec's own checks: the method, its parameters, the models it takes
         return ImportedSpec(spec, self.notes, self.unresolved)
 
     def _without_base(self, spec: dict[str, Any], sources: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -153,6 +153,8 @@ class Method(ABC):
     #: Whether a read budget applies: the method adds per-expert deltas against a base,
     #: so an unread expert block can stand for a zero delta.
     budgeted: ClassVar[bool] = False
+    #: Whether merges draw random numbers (the spec's seed matters).
+    draws: ClassVar[bool] = False
 
     @abstractmethod
     def merge(self, ctx: TensorContext) -> torch.Tensor:

@@ -339,6 +339,7 @@ class TaskArithmeticFamily(Method):
         if cls.sparsifier == "della":
             params.append(_EPSILON)
         cls.params = tuple(params)
+        cls.draws = cls.sparsifier in ("random", "della")
 
     def check_params(self, shared: dict[str, Scalar], per_model: list[dict[str, Scalar]]) -> str | None:
         if self.sparsifier != "della":

@@ -48,6 +48,15 @@ def test_registry_holds_every_method() -> None:
     assert set(REGISTRY) == EXPECTED
 
 
+def test_the_methods_that_draw_random_numbers_say_so() -> None:
+    assert {name for name, method in REGISTRY.items() if method.draws} == {
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+    }
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_parameters_match_mergekit(name: str) -> None:
     from mergekit.merge_methods import registry
