@@ -168,9 +168,7 @@ class _Translator:
         if tokenizer is not None:
             spec["tokenizer"] = tokenizer
         if config.get("chat_template"):
-            self.notes.append(
-                "chat_template is not carried over: the base's tokenizer files are copied as they are"
-            )
+            self.notes.append("chat_template is not carried over: the tokenizer files are copied as they are")
         merge = parse_merge(spec | {"output": output})  # the spec's own checks, and its method
         if REGISTRY[merge.method].draws:
             self.notes.append(
