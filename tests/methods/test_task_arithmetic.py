@@ -467,3 +467,26 @@ def test_a_merge_feeds_each_models_whole_delta_to_its_block_statistics(
     assert sorted(ctx.stats) == [0, 1, 2]
     for i, model in enumerate(models):
         assert ctx.stats[i].result() == block_stats(model.float() - base.float(), grid)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "task_arithmetic"])
+def test_models_waiting_for_the_fold_do_not_change_the_bits(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    # A small tensor lets two models wait for the fold; with no room, one waits at a time.
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(48, 80, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.01 * torch.randn(48, 80, generator=g)).to(torch.bfloat16) for _ in range(5)]
+    per_model = [{"weight": w, "density": 0.5} for w in (0.7, -0.4, 0.5, 0.2, 1.1)]
+    impl = get_method(method)
+    assert task_arithmetic._folds_ahead(base.numel()) == 2
+    queued = impl.merge(FakeContext(impl, base, models, {}, per_model))
+    monkeypatch.setattr(task_arithmetic, "_FOLD_QUEUE_BYTES", 0)
+    assert task_arithmetic._folds_ahead(base.numel()) == 1
+    one_at_a_time = impl.merge(FakeContext(impl, base, models, {}, per_model))
+    assert torch.equal(queued.view(torch.int32), one_at_a_time.view(torch.int32))
+
+
+def test_a_large_tensor_waits_for_one_fold_at_a_time() -> None:
+    assert task_arithmetic._folds_ahead(task_arithmetic._FOLD_QUEUE_BYTES // 3) == 2
+    assert task_arithmetic._folds_ahead(32000 * 1536) == 1  # a 32000 x 1536 embedding
