@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -481,6 +481,9 @@ class TaskArithmeticFamily(Method):
                 # size alive while the next model's delta is made.
                 del weighted
         finally:
+            # Every fold ends before the tensor is handed on or an error is raised: none is left
+            # writing into sums that nothing will read.
+            wait(pending)
             for folding in pending:
                 folding.result()
         return fold.result()

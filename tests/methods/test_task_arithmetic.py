@@ -4,6 +4,7 @@ and against mergekit 0.1.5 itself (with its Bernoulli draws replaced by ours for
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -490,3 +491,34 @@ def test_models_waiting_for_the_fold_do_not_change_the_bits(
 def test_a_large_tensor_waits_for_one_fold_at_a_time() -> None:
     assert task_arithmetic._folds_ahead(task_arithmetic._FOLD_QUEUE_BYTES // 3) == 2
     assert task_arithmetic._folds_ahead(32000 * 1536) == 1  # a 32000 x 1536 embedding
+
+
+def test_an_error_is_raised_once_every_waiting_fold_has_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Model 2 cannot be read while the folds of models 0 and 1 wait, and model 0's fold fails:
+    # its error is raised only after model 1's fold has ended too.
+    class Failing(FakeContext):
+        def stored_model(self, i: int) -> torch.Tensor:
+            if i == 2:
+                raise OSError("model 2 cannot be read")
+            return super().stored_model(i)
+
+    ended: list[int] = []
+    add = _Fold.add
+
+    def slow_add(self: _Fold, i: int, *args: object) -> None:
+        time.sleep(0.2)  # still folding when model 2 fails
+        if i == 0:
+            raise RuntimeError("fold 0 failed")
+        add(self, i, *args)
+        ended.append(i)
+
+    monkeypatch.setattr(_Fold, "add", slow_add)
+    g = torch.Generator().manual_seed(14)
+    base = torch.randn(16, 24, generator=g)
+    models = [base + 0.01 * torch.randn(16, 24, generator=g) for _ in range(4)]
+    per_model = [{"weight": 0.5, "density": 0.5} for _ in models]
+    impl = get_method("ties")
+    with pytest.raises(RuntimeError, match="fold 0 failed") as raised:
+        impl.merge(Failing(impl, base, models, {}, per_model))
+    assert isinstance(raised.value.__context__, OSError)
+    assert ended == [1]
