@@ -15,11 +15,12 @@ import math
 import os
 import sqlite3
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import xxhash
 
@@ -120,6 +121,27 @@ class FileStat:
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+_T = TypeVar("_T")
+#: How long a build waits for another's hold on the catalog.
+_BUSY_SECONDS = 600
+
+
+def _when_unlocked(statement: Callable[[], _T]) -> _T:
+    """Run `statement`, again while SQLite says the database is locked, for up to `_BUSY_SECONDS`.
+
+    A build that opens the catalog while another is recovering its write-ahead log (or
+    switching it on) gets "database is locked" at once: SQLite does not call the busy
+    handler there (seen when two builds started on one cache together)."""
+    deadline = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Catalog:
     """The cache's SQLite index.
 
@@ -133,15 +155,18 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=600, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA busy_timeout = 600000")
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = sqlite3.connect(path, timeout=_BUSY_SECONDS, isolation_level=None, check_same_thread=False)
+        self._db.execute(f"PRAGMA busy_timeout = {_BUSY_SECONDS * 1000}")
+        _when_unlocked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            # Not a corrupt catalog, only a busy one: a lock must not move it aside.
+            version = _when_unlocked(lambda: self._db.execute("PRAGMA user_version").fetchone()[0])
             if version != SCHEMA_VERSION:
                 self._create()
         except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                raise  # held for longer than a build waits: busy, not corrupt
             # A corrupt catalog is only a cache: start a fresh one beside it.
             self._db.close()
             raise CatalogCorrupt(f"{path}: {e}") from e

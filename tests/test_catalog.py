@@ -96,3 +96,37 @@ def test_catalog_of_another_schema_version_is_rebuilt(tmp_path: Path, version: i
     Catalog(db).close()
     tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"files", "tensors", "stats", "blobs", "results", "records", "published"}
+
+
+def test_a_catalog_locked_while_it_opens_is_waited_for_not_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite answers "database is locked" at once, without its busy handler, to a connection
+    # that opens a catalog while another recovers its write-ahead log.
+    import sqlite3
+
+    from mergebuild import catalog as catalog_module
+
+    db = tmp_path / "cache" / "catalog.sqlite"
+    Catalog(db).close()
+    refusals = {"PRAGMA journal_mode=WAL": 2, "PRAGMA user_version": 1}
+
+    class Busy:
+        def __init__(self, connection: sqlite3.Connection) -> None:
+            self.connection = connection
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if refusals.get(sql, 0):
+                refusals[sql] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return self.connection.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.connection, name)
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(catalog_module.sqlite3, "connect", lambda *a, **k: Busy(connect(*a, **k)))
+    reopened = Catalog(db)
+    assert refusals == {"PRAGMA journal_mode=WAL": 0, "PRAGMA user_version": 0}
+    assert reopened.path == db and list(db.parent.glob("*.corrupt-*")) == []
+    reopened.close()
