@@ -137,9 +137,14 @@ def _when_unlocked(statement: Callable[[], _T]) -> _T:
         try:
             return statement()
         except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
+            if not _locked(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def _locked(error: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite refused because another connection holds the database."""
+    return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
 
 class Catalog:
@@ -165,7 +170,7 @@ class Catalog:
             if version != SCHEMA_VERSION:
                 self._create()
         except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            if _locked(e):
                 raise  # held for longer than a build waits: busy, not corrupt
             # A corrupt catalog is only a cache: start a fresh one beside it.
             self._db.close()

@@ -190,17 +190,23 @@ def _lookup(parameters: dict, key: str, name: str, t: float) -> Scalar | None:
     return param_resolver.resolve(parameters[key], name, t) if key in parameters else None
 
 
+def config_layers(directory: Path) -> int | None:
+    """The layer count a model directory's config.json gives (`num_hidden_layers`, `n_layer` or
+    `num_layers`), or None when there is no such file or count."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return layers if isinstance(layers, int) and layers > 0 else None
+
+
 def _num_layers(reference: ModelSource) -> int:
     """Layer count from the reference's config.json, else from its tensor names."""
     directory = reference.directory
-    if directory is not None and (directory / "config.json").is_file():
-        try:
-            config = json.loads((directory / "config.json").read_text())
-            layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
-            if isinstance(layers, int) and layers > 0:
-                return layers
-        except (OSError, ValueError, AttributeError):
-            pass
+    layers = None if directory is None else config_layers(directory)
+    if layers is not None:
+        return layers
     indices = [param_resolver.layer_index(n) for n in reference.tensors]
     found = [i for i in indices if i is not None]
     return max(found) + 1 if found else 0

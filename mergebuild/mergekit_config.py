@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from mergebuild.errors import SpecError
+from mergebuild.graph import config_layers
 from mergebuild.methods import REGISTRY
 from mergebuild.spec import parse_merge
 
@@ -169,13 +170,13 @@ class _Translator:
             spec["tokenizer"] = tokenizer
         if config.get("chat_template"):
             self.notes.append("chat_template is not carried over: the tokenizer files are copied as they are")
-        merge = parse_merge(spec | {"output": output})  # the spec's own checks, and its method
+        spec["output"] = output
+        merge = parse_merge(spec)  # the spec's own checks, and its method
         if REGISTRY[merge.method].draws:
             self.notes.append(
                 "seed 0: the random draws are a function of the seed and of each element's position, "
                 "so they differ from mergekit's (DESIGN.md section 5)"
             )
-        spec["output"] = output
         return ImportedSpec(spec, self.notes, self.unresolved)
 
     def _without_base(self, spec: dict[str, Any], sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -263,7 +264,7 @@ class _Translator:
                 and all(type(x) is int for x in layer_range)
             ):
                 raise SpecError(f"{where}.layer_range: two layer indices [start, end)")
-            layers = self._layer_count(entry["path"])
+            layers = config_layers(self.spec_dir / entry["path"])
             if layers is None:
                 raise SpecError(
                     f"{where}.layer_range: cannot tell whether {layer_range} covers every layer of "
@@ -281,15 +282,6 @@ class _Translator:
             self.notes.append("the slice's parameters are method-wide parameters here")
         return entries, slice_base if slice_base is not None else base, parameters
 
-    def _layer_count(self, path: str) -> int | None:
-        config = self.spec_dir / path / "config.json"
-        try:
-            values = json.loads(config.read_text())
-        except (OSError, ValueError):
-            return None
-        layers = values.get("num_hidden_layers") or values.get("n_layer") or values.get("num_layers")
-        return layers if isinstance(layers, int) and layers > 0 else None
-
     def _locate(self, reference: object, where: str) -> str:
         """The spec path of a mergekit model reference (see the module docstring)."""
         path, revision = _reference(reference, where)
@@ -304,14 +296,15 @@ class _Translator:
                 if local.is_absolute()
                 else os.path.relpath(local.resolve(), self.spec_dir.resolve())
             )
-        snapshot = self._snapshot(path, revision) if _HUB_ID.match(path) else None
+        hub_id = _HUB_ID.match(path) is not None
+        snapshot = self._snapshot(path, revision) if hub_id else None
         if snapshot is not None:
             self.notes.append(
                 f"{where}: {path}{'@' + revision if revision else ''} is {snapshot} (Hugging Face cache)"
             )
             return str(snapshot)
         self.unresolved.append(path)
-        if _HUB_ID.match(path):
+        if hub_id:
             flag = f" --revision {revision}" if revision else ""
             self.notes.append(
                 f"{where}: {path!r} is neither a local path nor in the Hugging Face cache "
