@@ -25,6 +25,7 @@ from pathlib import Path
 import xxhash
 
 from mergebuild.catalog import Catalog, CatalogCorrupt
+from mergebuild.direct_io import SequentialFile
 from mergebuild.freshness import CATALOG_NAME
 
 BLOBS = "blobs"
@@ -107,7 +108,7 @@ class Cache:
             path.parent.mkdir(exist_ok=True)
             temp = path.with_name(f".{digest}.{uuid.uuid4().hex[:8]}.tmp")
             try:
-                with open(temp, "wb") as f:
+                with SequentialFile(temp) as f:
                     for piece in pieces:
                         f.write(piece)
                 os.replace(temp, path)

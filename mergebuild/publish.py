@@ -15,12 +15,12 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import xxhash
 
 from mergebuild.catalog import BlockGrid, TensorDigests, hash_bytes
+from mergebuild.direct_io import SequentialFile
 from mergebuild.errors import ExecutionError, InputError
 from mergebuild.freshness import MARKER, side_files
 from mergebuild.safetensors_io import DTYPE_NAMES, TensorInfo, header_for
@@ -73,8 +73,9 @@ def write_behind_bytes() -> int:
 class OutputWriter:
     """Streams tensors, in layout order, into safetensors shards in `directory`.
 
-    A thread does the file writes, which stall whenever the kernel throttles dirty
-    pages, so the build goes on with the next tensor meanwhile; at most
+    A thread does the file writes (past the page cache where the file system allows,
+    see `direct_io`), which wait for the device, so the build goes on with the next
+    tensor meanwhile; at most
     `queue_bytes` of finished tensors wait for it. Tensor digests are computed on
     the caller's thread (they are its return value), file digests on the writer's.
     """
@@ -163,7 +164,7 @@ class OutputWriter:
             raise self._error
 
     def _run(self) -> None:
-        file: BinaryIO | None = None
+        file: SequentialFile | None = None
         file_hash = xxhash.xxh3_128()
         shard = -1
         try:
@@ -178,7 +179,7 @@ class OutputWriter:
                 if index != shard:
                     self._close_shard(file, shard, file_hash)
                     shard, file_hash = index, xxhash.xxh3_128()
-                    file = open(self.directory / self._names[index], "wb")  # noqa: SIM115 - closed below
+                    file = SequentialFile(self.directory / self._names[index])
                     _emit(file, file_hash, self._headers[index])
                 assert file is not None
                 _emit(file, file_hash, data)
@@ -189,7 +190,7 @@ class OutputWriter:
                     self._cond.notify_all()
             if self._error is None:
                 if shard < 0:  # no tensors: one empty shard still makes a loadable model
-                    shard, file = 0, open(self.directory / self._names[0], "wb")  # noqa: SIM115
+                    shard, file = 0, SequentialFile(self.directory / self._names[0])
                     _emit(file, file_hash, self._headers[0])
                 self._close_shard(file, shard, file_hash)
                 file = None
@@ -199,19 +200,16 @@ class OutputWriter:
                 self._cond.notify_all()
         finally:
             if file is not None:
-                file.close()
+                file.abandon()
 
-    def _close_shard(self, file: BinaryIO | None, shard: int, file_hash: xxhash.xxh3_128) -> None:
+    def _close_shard(self, file: SequentialFile | None, shard: int, file_hash: xxhash.xxh3_128) -> None:
         if file is None:
             return
-        file.flush()
-        os.fsync(file.fileno())
-        size = file.tell()
-        file.close()
+        size = file.close(sync=True)
         self._files.append(OutputFile(self._names[shard], size, file_hash.hexdigest()))
 
 
-def _emit(file: BinaryIO, file_hash: xxhash.xxh3_128, data: bytes | memoryview) -> None:
+def _emit(file: SequentialFile, file_hash: xxhash.xxh3_128, data: bytes | memoryview) -> None:
     file.write(data)
     file_hash.update(data)
 

@@ -32,13 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mergebuild.direct_io import DIRECT_ALIGN
 from mergebuild.errors import InputError
 
 #: Bytes per pread: large enough to stream at disk speed, small enough to hash as it lands.
 READ_CHUNK = 8 * 2**20
-#: O_DIRECT transfers start and end on multiples of the device's logical block size (and
-#: land in a buffer aligned to it): 4 KiB is a multiple of every common one.
-DIRECT_ALIGN = 4096
 assert READ_CHUNK % DIRECT_ALIGN == 0
 #: A range with less than this share of its pages in the page cache is read with O_DIRECT.
 DIRECT_BELOW_CACHED_SHARE = 0.5
