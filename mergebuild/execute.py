@@ -18,6 +18,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,7 +33,7 @@ from mergebuild.catalog import BlockGrid, FileStat, TensorDigests, TensorHasher
 from mergebuild.errors import ExecutionError, InputError
 from mergebuild.graph import CompiledTarget, TensorNode, expert_work_key, node_key, node_record
 from mergebuild.methods import sparse_delta
-from mergebuild.methods.base import Scalar
+from mergebuild.methods.base import Scalar, finished
 from mergebuild.methods.delta_stats import DeltaStats, block_stats
 from mergebuild.methods.sparse_delta import SparseDelta
 from mergebuild.plan import HOLD_BYTES, Blocks, NodePlan, TargetPlan
@@ -754,26 +756,103 @@ def _execute_nodes(
     report: ExecutionReport,
     device: torch.device,
 ) -> None:
-    seed = target.spec.seed
-    for index, (node, node_plan) in enumerate(zip(target.nodes, plan.nodes, strict=True)):
-        reader.node_index = index
-        allocation = node_plan.allocation
-        early_key = _key_before_compute(node, target, reader, allocation)
-        tensor = _from_cache(node, reader.cache, early_key) if early_key is not None else None
-        outcome: Outcome = "reused"
-        if tensor is None:
-            tensor = _compute(node, target, reader, report, allocation, device)
-            outcome = "copied" if node.action == "copy" else "computed"
-        reader.release()
-        record = node_record(node, target.method, seed, _input_digests(node, reader), allocation)
-        key = xxhash.xxh3_128_hexdigest(record.encode())
-        reader.cache.catalog.record_key(key, record)
-        report.results.append(TensorResult(node.name, key, write(node.name, tensor), outcome))
-        assert reader.read_ahead is not None and reader.blob_writer is not None
-        reader.read_ahead.done(index)
-        reader.blob_writer.drain()
-        if on_tensor is not None:
-            on_tensor(node)
+    # A method may still be finishing a node on a thread of its own (`Method.start_merge`)
+    # when the next node starts: the node is written as soon as it is done, at the latest once
+    # the next node's merge has started.
+    unwritten: _Unwritten | None = None
+    try:
+        for index, (node, node_plan) in enumerate(zip(target.nodes, plan.nodes, strict=True)):
+            if unwritten is not None and unwritten.merging.done():
+                _write(unwritten, write, report, on_tensor)
+                unwritten = None
+            reader.node_index = index
+            started = _start_node(node, node_plan.allocation, target, reader, report, device)
+            assert reader.read_ahead is not None and reader.blob_writer is not None
+            reader.read_ahead.done(index)
+            if unwritten is not None:
+                _write(unwritten, write, report, on_tensor)
+            unwritten = started
+            del started  # only `unwritten` holds the node's tensor: it is freed once written
+            reader.blob_writer.drain()
+        if unwritten is not None:
+            _write(unwritten, write, report, on_tensor)
+            unwritten = None
+    finally:
+        if unwritten is not None:
+            # The build failed: still let the node's merge end before its inputs are let go.
+            futures.wait([unwritten.merging.merged])
+
+
+def _start_node(
+    node: TensorNode,
+    allocation: tuple[Blocks, ...],
+    target: CompiledTarget,
+    reader: SourceReader,
+    report: ExecutionReport,
+    device: torch.device,
+) -> _Unwritten:
+    """The node's tensor from the cache, or its merge started; its key recorded."""
+    early_key = _key_before_compute(node, target, reader, allocation)
+    tensor = _from_cache(node, reader.cache, early_key) if early_key is not None else None
+    if tensor is not None:
+        merging, outcome = _Merging.of(tensor), "reused"
+    else:
+        merging = _compute(node, target, reader, report, allocation, device)
+        outcome = "copied" if node.action == "copy" else "computed"
+    reader.release()
+    inputs = _input_digests(node, reader)
+    record = node_record(node, target.method, target.spec.seed, inputs, allocation)
+    key = xxhash.xxh3_128_hexdigest(record.encode())
+    reader.cache.catalog.record_key(key, record)
+    return _Unwritten(node, key, merging, outcome)
+
+
+@dataclass(frozen=True)
+class _Merging:
+    """A node's tensor as a method makes it: `merged` is done when the method is, and `finish`
+    then turns its result into the output tensor (host memory, output dtype)."""
+
+    merged: Future[torch.Tensor]
+    finish: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> _Merging:
+        """A tensor that is already the output tensor."""
+        return cls(finished(tensor), _itself)
+
+    def done(self) -> bool:
+        return self.merged.done()
+
+    def result(self) -> torch.Tensor:
+        """The output tensor, once the method is done (raising what the method raised)."""
+        return self.finish(self.merged.result())
+
+
+@dataclass(frozen=True)
+class _Unwritten:
+    """A node built (or being finished) and not yet written."""
+
+    node: TensorNode
+    key: str
+    merging: _Merging
+    outcome: Outcome
+
+
+def _write(
+    unwritten: _Unwritten,
+    write: Callable[[str, torch.Tensor], TensorDigests],
+    report: ExecutionReport,
+    on_tensor: Callable[[TensorNode], None] | None,
+) -> None:
+    node = unwritten.node
+    digests = write(node.name, unwritten.merging.result())
+    report.results.append(TensorResult(node.name, unwritten.key, digests, unwritten.outcome))
+    if on_tensor is not None:
+        on_tensor(node)
+
+
+def _itself(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _input_digests(node: TensorNode, reader: SourceReader) -> tuple[bytes, ...]:
@@ -811,25 +890,30 @@ def _compute(
     report: ExecutionReport,
     allocation: tuple[Blocks, ...],
     device: torch.device,
-) -> torch.Tensor:
+) -> _Merging:
     # Under a budget, a tensor with no expert block taken has a zero delta: it is the base.
     if node.action == "copy" or (allocation and all(blocks == () for blocks in allocation)):
         assert node.base is not None
         tensor = reader.read(node.base)
-        return tensor.to(node.dtype) if node.dtype != tensor.dtype else tensor
+        return _Merging.of(tensor.to(node.dtype) if node.dtype != tensor.dtype else tensor)
     runs = _allocated_runs(node, target, reader, allocation)
     if runs is not None:
-        return _compute_runs(node, target, reader, report, allocation, runs, device)
+        return _Merging.of(_compute_runs(node, target, reader, report, allocation, runs, device))
     ctx = _Context(node, reader, target.spec.seed, report, allocation, target.method.budgeted, device=device)
-    return _merged(target, ctx).to(device=_CPU, dtype=node.dtype)
+    return _start_merge(target, ctx, node.dtype)
 
 
-def _merged(target: CompiledTarget, ctx: _Context) -> torch.Tensor:
-    merged = target.method.merge(ctx)
-    if merged.shape != ctx.shape:
-        raise AssertionError(f"{target.method.name} returned shape {tuple(merged.shape)} for {ctx.name}")
-    ctx.record_stats()
-    return merged
+def _start_merge(target: CompiledTarget, ctx: _Context, dtype: torch.dtype) -> _Merging:
+    """Start the method on `ctx`. Its result is checked, the block statistics gathered on the
+    way recorded, and the tensor put in host memory as `dtype` once it is done."""
+
+    def finish(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.shape != ctx.shape:
+            raise AssertionError(f"{target.method.name} returned shape {tuple(tensor.shape)} for {ctx.name}")
+        ctx.record_stats()
+        return tensor.to(device=_CPU, dtype=dtype)
+
+    return _Merging(target.method.start_merge(ctx), finish)
 
 
 def _allocated_runs(
@@ -885,7 +969,7 @@ def _compute_runs(
             stored_base=stored_base,
             device=device,
         )
-        run_rows = _merged(target, ctx).to(device=_CPU, dtype=node.dtype)
+        run_rows = _start_merge(target, ctx, node.dtype).result()
         out_rows[rows[0] : rows[1]] = run_rows.reshape(rows[1] - rows[0], -1)
     return merged
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergebuild import execute
+from mergebuild.build import BuildOptions, build
 from mergebuild.catalog import FileStat
 from mergebuild.errors import InputError
 from mergebuild.execute import (
@@ -20,7 +23,12 @@ from mergebuild.execute import (
     _read_hashed,
     read_ahead_bytes,
 )
+from mergebuild.methods.base import TensorContext, finished
+from mergebuild.methods.task_arithmetic import TaskArithmeticFamily, _Fold
 from mergebuild.safetensors_io import SafetensorsFile, TensorInfo, bytes_to_tensor
+from tests.conftest import write_spec
+from tests.families import Family
+from tests.test_build import load_dir, options, ties_spec
 
 
 def test_read_ahead_cap_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,3 +116,67 @@ def test_a_failed_read_ahead_reaches_the_executor(tmp_path: Path) -> None:
             read_ahead.take(1, infos[3])
     finally:
         read_ahead.close()
+
+
+def test_the_next_tensor_starts_while_the_last_fold_finishes_the_previous(
+    tmp_path: Path, llama: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ties finishes a tensor on the fold thread (`Method.start_merge`): the executor starts
+    the next tensor meanwhile, and writes each one once it is done, as merging one tensor at a
+    time would."""
+    spec = write_spec(tmp_path / "s.json", ties_spec(llama, tmp_path / "out"))
+    next_started = threading.Event()
+    overlapped: list[bool] = []
+    first_tensor: list[str] = []
+    add, weighted_delta = _Fold.add, TaskArithmeticFamily.weighted_delta
+
+    def slow_last_fold(self: _Fold, i: int, weighted: object, finish: object = None) -> None:
+        if finish is not None and not overlapped:
+            # The first tensor's last fold waits until a later tensor's first delta is made.
+            overlapped.append(next_started.wait(timeout=10))
+        add(self, i, weighted, finish)  # type: ignore[arg-type]
+
+    def watched(self: TaskArithmeticFamily, ctx: TensorContext, i: int, *args: object) -> object:
+        if not first_tensor:
+            first_tensor.append(ctx.name)
+        elif ctx.name != first_tensor[0]:
+            next_started.set()
+        return weighted_delta(self, ctx, i, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_Fold, "add", slow_last_fold)
+    monkeypatch.setattr(TaskArithmeticFamily, "weighted_delta", watched)
+    build(spec, options(tmp_path))
+    assert overlapped == [True]
+    monkeypatch.undo()
+
+    start_merge = TaskArithmeticFamily.start_merge
+
+    def one_at_a_time(self: TaskArithmeticFamily, ctx: TensorContext) -> Future[torch.Tensor]:
+        return finished(start_merge(self, ctx).result())
+
+    monkeypatch.setattr(TaskArithmeticFamily, "start_merge", one_at_a_time)
+    spec = write_spec(tmp_path / "t.json", ties_spec(llama, tmp_path / "sequential"))
+    build(spec, BuildOptions(cache_dir=tmp_path / "cache2"))
+    merged, sequential = load_dir(tmp_path / "out"), load_dir(tmp_path / "sequential")
+    assert merged.keys() == sequential.keys()
+    assert all(torch.equal(merged[name], sequential[name]) for name in merged)
+
+
+def test_a_failed_fold_of_a_tensor_being_finished_fails_the_build(
+    tmp_path: Path, llama: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = write_spec(tmp_path / "s.json", ties_spec(llama, tmp_path / "out"))
+    finishes: list[int] = []
+    add = _Fold.add
+
+    def failing_finish(self: _Fold, i: int, weighted: object, finish: object = None) -> None:
+        if finish is not None:
+            finishes.append(i)
+            if len(finishes) == 3:
+                raise RuntimeError("the third tensor's last fold failed")
+        add(self, i, weighted, finish)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_Fold, "add", failing_finish)
+    with pytest.raises(RuntimeError, match="third tensor's last fold failed"):
+        build(spec, options(tmp_path))
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
@@ -160,6 +161,13 @@ class Method(ABC):
     def merge(self, ctx: TensorContext) -> torch.Tensor:
         """Merge one tensor; return float32 of shape `ctx.shape`."""
 
+    def start_merge(self, ctx: TensorContext) -> Future[torch.Tensor]:
+        """Merge one tensor, whose future is `merge`'s result. A method that finishes its
+        tensors on a thread of its own may return before that ends, so that the executor
+        starts on the next tensor meanwhile (`ctx` stays alive until the future is done).
+        By default the tensor is merged here."""
+        return finished(self.merge(ctx))
+
     def check_params(self, shared: dict[str, Scalar], per_model: list[dict[str, Scalar]]) -> str | None:
         """Return why a combination of resolved values is invalid (beyond each
         parameter's own bounds), or None. Called once per tensor at compile time."""
@@ -183,6 +191,13 @@ class Method(ABC):
     def param_spec(self, name: str) -> ParamSpec | None:
         """The spec of parameter `name`, or None if this method does not take it."""
         return next((p for p in self.params if p.name == name), None)
+
+
+def finished(tensor: torch.Tensor) -> Future[torch.Tensor]:
+    """A future that is already done, with `tensor`."""
+    done: Future[torch.Tensor] = Future()
+    done.set_result(tensor)
+    return done
 
 
 #: int8_mask is accepted for mergekit compatibility and has no effect on results.

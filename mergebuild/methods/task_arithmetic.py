@@ -28,7 +28,15 @@ import numpy as np
 import torch
 
 from mergebuild.methods import sparsify
-from mergebuild.methods.base import INT8_MASK, WEIGHT, Method, ParamSpec, Scalar, TensorContext
+from mergebuild.methods.base import (
+    INT8_MASK,
+    WEIGHT,
+    Method,
+    ParamSpec,
+    Scalar,
+    TensorContext,
+    finished,
+)
 from mergebuild.methods.delta_stats import STATS_PIECE, DeltaStats
 from mergebuild.methods.sparse_delta import Difference, SparseDelta, difference, kept_delta
 
@@ -438,8 +446,15 @@ class TaskArithmeticFamily(Method):
         return sparsify.della(delta, uniforms, density, float(ctx.model_param(i, "epsilon")))
 
     def merge(self, ctx: TensorContext) -> torch.Tensor:
+        return self.start_merge(ctx).result()
+
+    def start_merge(self, ctx: TensorContext) -> Future[torch.Tensor]:
+        """Fold the models in on the fold thread; the future ends with the last fold, which also
+        finishes the merged tensor. A tensor whose models wait for the fold one at a time
+        (`_folds_ahead`) ends before this returns: only a small tensor's sums are still alive
+        while the next tensor starts."""
         if ctx.num_models == 0:
-            return ctx.base()
+            return finished(ctx.base())
         # The base stays as stored: every use promotes it a chunk at a time (a float32 copy
         # of a 16-bit base would hold 2 more bytes per element for the whole merge).
         base = ctx.stored_base()
@@ -463,7 +478,7 @@ class TaskArithmeticFamily(Method):
             mixed = torch.zeros_like(base, dtype=torch.float32)
             untracked = normalize and not fold.track_weights
             finish.apply(mixed.reshape(-1), finish.weight_sum if untracked else None, slice(None))
-            return mixed
+            return finished(mixed)
         # Model i is folded in on a second thread while the next models are read and
         # sparsified (torch releases the GIL): folds stay in model order, one at a time, and
         # up to `_folds_ahead` models wait for theirs. The last fold also finishes the merged
@@ -480,13 +495,25 @@ class TaskArithmeticFamily(Method):
                 # The fold owns it now: holding it here too would keep a tensor of the model's
                 # size alive while the next model's delta is made.
                 del weighted
-        finally:
-            # Every fold ends before the tensor is handed on or an error is raised: none is left
+        except BaseException:
+            # Every fold ends before an error is raised (a fold's own first): none is left
             # writing into sums that nothing will read.
             wait(pending)
             for folding in pending:
                 folding.result()
-        return fold.result()
+            raise
+        # The fold thread runs its tasks in order: this one runs once every fold has ended.
+        merged = folder.submit(_folded, list(pending), fold)
+        if ahead == 1:
+            wait([merged])
+        return merged
+
+
+def _folded(folds: list[Future[None]], fold: _Fold) -> torch.Tensor:
+    """The merged tensor, once `folds` (all ended) raised nothing."""
+    for ended in folds:
+        ended.result()
+    return fold.result()
 
 
 class TaskArithmetic(TaskArithmeticFamily):

@@ -522,3 +522,27 @@ def test_an_error_is_raised_once_every_waiting_fold_has_ended(monkeypatch: pytes
         impl.merge(Failing(impl, base, models, {}, per_model))
     assert isinstance(raised.value.__context__, OSError)
     assert ended == [1]
+
+
+@pytest.mark.parametrize("fold_queue_bytes", [task_arithmetic._FOLD_QUEUE_BYTES, 30])
+def test_start_merge_returns_before_the_last_fold_ends_only_for_a_small_tensor(
+    monkeypatch: pytest.MonkeyPatch, fold_queue_bytes: int
+) -> None:
+    monkeypatch.setattr(task_arithmetic, "_FOLD_QUEUE_BYTES", fold_queue_bytes)
+    add = _Fold.add
+
+    def slow_finish(self: _Fold, i: int, weighted: object, finish: object = None) -> None:
+        if finish is not None:
+            time.sleep(0.3)
+        add(self, i, weighted, finish)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_Fold, "add", slow_finish)
+    g = torch.Generator().manual_seed(15)
+    base = torch.randn(16, 24, generator=g)
+    models = [base + 0.01 * torch.randn(16, 24, generator=g) for _ in range(3)]
+    per_model = [{"weight": 0.5, "density": 0.5} for _ in models]
+    impl = get_method("ties")
+    merged = impl.start_merge(FakeContext(impl, base, models, {}, per_model))
+    # 16 x 24 elements: two models' sparse deltas fit in the default queue, not in 30 bytes.
+    assert merged.done() == (fold_queue_bytes == 30)
+    assert torch.equal(merged.result(), impl.merge(FakeContext(impl, base, models, {}, per_model)))
