@@ -90,9 +90,9 @@ class ReadCounters:
 
 #: One read the read-ahead does: a whole tensor (block None) or one block of it (a budget's).
 ReadJob = tuple[TensorInfo, int | None]
-#: What a read-ahead hands over: the bytes, their digests (whole tensors only), and the
-#: file's stat before and after the read.
-ReadItem = tuple[memoryview, TensorDigests | None, FileStat, FileStat]
+#: What a read-ahead hands over: the bytes, their digests (whole tensors only), the file's
+#: stat before and after the read, and (whole tensors only) whether every value is finite.
+ReadItem = tuple[memoryview, TensorDigests | None, FileStat, FileStat, bool | None]
 #: A read-ahead's read: node index, file, tensor name, block (None: the whole tensor).
 _ReadKey = tuple[int, str, str, int | None]
 
@@ -168,7 +168,7 @@ class ReadAhead:
                 else:
                     before = FileStat.of(info.path)
                     buf = _read_block(info, BlockGrid.for_shape(info.shape, self._block_size), block)
-                    item = (buf, None, before, FileStat.of(info.path))
+                    item = (buf, None, before, FileStat.of(info.path), None)
                 with self._cond:
                     self._reading.discard(key)
                     if self._stop or key[0] <= self._done_through:
@@ -246,7 +246,15 @@ def _read_hashed(info: TensorInfo, block_size: int) -> ReadItem:
         # The header was checked against the file's size when it was opened: a file
         # that cannot be opened or is short now changed under the build.
         raise ExecutionError(f"{e} (changed during build?)") from e
-    return buf, hasher.digests(), before, FileStat.of(info.path)
+    after = FileStat.of(info.path)
+    # Checked here, on the read-ahead's thread as a rule: the merging thread need not.
+    return (
+        buf,
+        hasher.digests(),
+        before,
+        after,
+        all_finite(bytes_to_tensor(buf, info.torch_dtype, info.shape)),
+    )
 
 
 #: A blob's bytes as the blob writer takes them: its pieces, in order.
@@ -348,6 +356,8 @@ class SourceReader:
         self._catalog_digests: dict[tuple[str, str], TensorDigests] = {}
         self._stats: dict[str, FileStat] = {}
         self._held: dict[tuple[str, str], memoryview] = {}
+        #: Tensors whose bytes, as read in this build, were all finite values.
+        self._finite: set[tuple[str, str]] = set()
         #: Set by the executor: the read-ahead and blob-writer threads, and the node being built.
         self.read_ahead: ReadAhead | None = None
         self.blob_writer: BlobWriter | None = None
@@ -402,6 +412,14 @@ class SourceReader:
             buf, _ = self._read_bytes(info)
         return bytes_to_tensor(buf, info.torch_dtype, info.shape)
 
+    def read_finite(self, info: TensorInfo) -> torch.Tensor:
+        """`read`, refusing a tensor that holds NaN or Inf (InputError): a NaN or Inf would
+        spread through every method silently. The read-ahead checked most tensors already."""
+        tensor = self.read(info)
+        if (str(info.path), info.name) not in self._finite:
+            _finite(tensor, info)
+        return tensor
+
     def read_block(self, info: TensorInfo, block: int, keep: bool) -> torch.Tensor:
         """Rows of one block of a tensor whose digests the catalog holds (a budgeted read).
 
@@ -422,7 +440,7 @@ class SourceReader:
         first_seen = self.stat(info)
         item = self.read_ahead.take(self.node_index, info, block) if self.read_ahead is not None else None
         if item is not None:
-            buf, _, before, after = item
+            buf, _, before, after, _ = item
         else:
             before, buf = first_seen, _read_block(info, self.grid(info), block)
             after = FileStat.of(info.path)
@@ -441,7 +459,9 @@ class SourceReader:
     def _read_bytes(self, info: TensorInfo) -> tuple[memoryview, TensorDigests]:
         first_seen = self.stat(info)
         item = self.read_ahead.take(self.node_index, info) if self.read_ahead is not None else None
-        buf, digests, before, after = item if item is not None else _read_hashed(info, self.block_size)
+        buf, digests, before, after, finite = (
+            item if item is not None else _read_hashed(info, self.block_size)
+        )
         assert digests is not None, "whole reads are hashed"
         if before != first_seen or after != first_seen:
             raise ExecutionError(
@@ -450,6 +470,8 @@ class SourceReader:
         self.counters.add(info.path, info.nbytes)
         self.counters.tensors_read += 1
         self._remember(info, digests)
+        if finite:
+            self._finite.add((str(info.path), info.name))
         return buf, digests
 
     def _remember(self, info: TensorInfo, digests: TensorDigests) -> None:
@@ -530,9 +552,7 @@ class _Context:
         self._streams_lock = threading.Lock()
 
     def base(self) -> torch.Tensor:
-        self._base = _finite(
-            _to_device(self._base_as_stored(), self.device).to(torch.float32), self._node.base
-        )
+        self._base = _to_device(self._base_as_stored(), self.device).to(torch.float32)
         if self._rows is None and self._base.device == _CPU:
             # The float32 base holds the stored values exactly, and blobs can be coded against
             # it (`_coding_base`): the stored copy need not stay alive beside it.
@@ -543,14 +563,15 @@ class _Context:
         stored = self._base_as_stored()
         if stored.element_size() != 2:
             return self.base()
-        self._base = _finite(_to_device(stored, self.device), self._node.base)
+        self._base = _to_device(stored, self.device)
         return self._base
 
     def _base_as_stored(self) -> torch.Tensor:
-        """The base (its rows, for a row range) as stored, on the host, read once."""
+        """The base (its rows, for a row range) as stored, on the host, read once (and
+        refused if it holds NaN or Inf)."""
         assert self._node.base is not None, "method asked for a base the spec does not have"
         if self._stored_base is None:
-            self._stored_base = self._reader.read(self._node.base)
+            self._stored_base = self._reader.read_finite(self._node.base)
         return self._stored_base if self._rows is None else self._stored_base[slice(*self._rows)]
 
     def model(self, i: int) -> torch.Tensor:
@@ -565,7 +586,7 @@ class _Context:
         assert self._rows is None or blocks is not None, "a row range is read by blocks"
         if blocks is not None:
             return self._allocated(info, blocks)
-        return _finite(_to_device(self._reader.read(info), self.device), info)
+        return _to_device(self._reader.read_finite(info), self.device)
 
     def omitted(self, i: int) -> bool:
         return self._by_block and self._allocation[i] == ()
@@ -950,7 +971,7 @@ def _compute_runs(
     """The tensor merged only on the rows of `runs` (blocks some model has): elsewhere every
     delta is zero by the budget, and the result is the base's bits."""
     assert node.base is not None
-    stored_base = reader.read(node.base)
+    stored_base = reader.read_finite(node.base)
     # Each run reads only its own rows of the base, so the result may overwrite them in place.
     merged = stored_base.to(node.dtype)
     out_rows = merged.reshape(merged.shape[0], -1)
@@ -1015,8 +1036,8 @@ def index_target(target: CompiledTarget, reader: SourceReader) -> None:
         for _, info in node.models:
             if info in missing or not _has_stats(reader, node.base, info):
                 if base is None:
-                    base = _finite(reader.read(node.base).to(torch.float32), node.base)
-                model = _finite(reader.read(info).to(torch.float32), info)
+                    base = reader.read_finite(node.base).to(torch.float32)
+                model = reader.read_finite(info).to(torch.float32)
                 _record_stats(reader, node.base, info, block_stats(model - base, reader.grid(info)))
         if reader.known(node.base) is None:
             reader.hold(node.base)

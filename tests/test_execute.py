@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from mergebuild import execute
 from mergebuild.build import BuildOptions, build
+from mergebuild.cache import Cache
 from mergebuild.catalog import FileStat
 from mergebuild.errors import InputError
 from mergebuild.execute import (
@@ -67,10 +68,11 @@ def test_read_ahead_hands_over_every_read_in_any_order(tmp_path: Path, threads: 
             for info, _ in reversed(node_jobs):
                 item = read_ahead.take(index, info)
                 assert item is not None
-                buf, digests, before, after = item
+                buf, digests, before, after, finite = item
                 assert torch.equal(bytes_to_tensor(buf, info.torch_dtype, info.shape), tensors[info.name])
                 assert digests == _read_hashed(info, 1024)[1]
                 assert before == after == FileStat.of(info.path)
+                assert finite
                 assert read_ahead.take(index, info) is None  # a second read of it is not planned
             read_ahead.done(index)
     finally:
@@ -180,3 +182,30 @@ def test_a_failed_fold_of_a_tensor_being_finished_fails_the_build(
     with pytest.raises(RuntimeError, match="third tensor's last fold failed"):
         build(spec, options(tmp_path))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_read_ahead_checks_values_are_finite_and_the_merge_trusts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors = _tensors()
+    tensors["t1"][3, 4] = float("inf")
+    infos = _source(tmp_path, tensors)
+    assert [_read_hashed(info, 1024)[4] for info in infos[:3]] == [True, False, True]
+    # What the read-ahead found finite is not checked again on the thread that merges.
+    checked: list[str] = []
+    real = execute.all_finite
+
+    def counted(tensor: torch.Tensor) -> bool:
+        checked.append(threading.current_thread().name)
+        return real(tensor)
+
+    monkeypatch.setattr(execute, "all_finite", counted)
+    reader = execute.SourceReader(Cache(tmp_path / "cache"), 1024)
+    reader.read_ahead = ReadAhead([[(infos[0], None), (infos[1], None)]], 1024, 1 << 30)
+    try:
+        assert torch.equal(reader.read_finite(infos[0]), tensors["t0"])
+        with pytest.raises(InputError, match="tensor 't1' holds NaN or Inf"):
+            reader.read_finite(infos[1])
+    finally:
+        reader.read_ahead.close()
+    assert "MainThread" not in checked[:2] and checked[2:] == ["MainThread"]
