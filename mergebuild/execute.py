@@ -2,7 +2,9 @@
 
 Output tensors are processed one at a time, so memory holds what one tensor's
 method needs (the task-arithmetic family: the base, one model and a few
-accumulators, whatever the number of models), never a whole model.
+accumulators, whatever the number of models), never a whole model. The one
+overlap: a method that finishes a small tensor on a thread of its own lets the
+next tensor start meanwhile (`Method.start_merge`).
 
 For each tensor the executor first learns its inputs' digests: from this
 build, from the catalog (by file stat), or by reading the tensor, which it then
