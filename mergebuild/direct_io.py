@@ -1,4 +1,5 @@
-"""Files written front to back past the page cache (O_DIRECT), where the file system allows.
+"""Files written front to back past the page cache (O_DIRECT), where the file system allows
+(reads past it are `safetensors_io`'s, which opens files with `open_direct_read`).
 
 A build writes its output shards and its per-expert blobs once and seldom reads them
 back soon, so caching them buys little, while writing through the page cache costs the
@@ -31,6 +32,17 @@ STAGING_BYTES = 8 * 2**20
 assert STAGING_BYTES % DIRECT_ALIGN == 0
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def open_direct_read(path: Path) -> int | None:
+    """`path` opened for O_DIRECT reads, or None where the platform or file system has none."""
+    if not _O_DIRECT:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | _O_DIRECT)
+    except OSError:
+        return None  # EINVAL from a file system without O_DIRECT (tmpfs); a buffered open works
+
 
 #: Staging buffers of closed files, reused (a fresh mapping faults its pages in again).
 _spare: list[mmap.mmap] = []

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergebuild.direct_io import DIRECT_ALIGN
+from mergebuild.direct_io import DIRECT_ALIGN, open_direct_read
 from mergebuild.errors import InputError
 
 #: Bytes per pread: large enough to stream at disk speed, small enough to hash as it lands.
@@ -215,7 +215,7 @@ def read_bytes(
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         if direct is None:
             direct = length > 0 and cached_share(fd, offset, length) < DIRECT_BELOW_CACHED_SHARE
-        direct_fd = _open_direct(info.path) if direct else None
+        direct_fd = open_direct_read(info.path) if direct else None
         try:
             return _read_range(info, fd, direct_fd, offset, length, on_chunk)
         finally:
@@ -230,17 +230,6 @@ def _open(path: Path) -> int:
         return os.open(path, os.O_RDONLY)
     except OSError as e:
         raise InputError(f"{path}: cannot open: {e.strerror}") from e
-
-
-def _open_direct(path: Path) -> int | None:
-    """`path` opened for O_DIRECT reads, or None where the platform or file system has none."""
-    flags = getattr(os, "O_DIRECT", 0)
-    if not flags:
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | flags)
-    except OSError:
-        return None  # EINVAL from a file system without O_DIRECT (tmpfs); the buffered open worked
 
 
 def _read_range(

@@ -513,10 +513,7 @@ def test_an_error_is_raised_once_every_waiting_fold_has_ended(monkeypatch: pytes
         ended.append(i)
 
     monkeypatch.setattr(_Fold, "add", slow_add)
-    g = torch.Generator().manual_seed(14)
-    base = torch.randn(16, 24, generator=g)
-    models = [base + 0.01 * torch.randn(16, 24, generator=g) for _ in range(4)]
-    per_model = [{"weight": 0.5, "density": 0.5} for _ in models]
+    base, models, per_model = _close_models(seed=14, count=4)
     impl = get_method("ties")
     with pytest.raises(RuntimeError, match="fold 0 failed") as raised:
         impl.merge(Failing(impl, base, models, {}, per_model))
@@ -537,12 +534,17 @@ def test_start_merge_returns_before_the_last_fold_ends_only_for_a_small_tensor(
         add(self, i, weighted, finish)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_Fold, "add", slow_finish)
-    g = torch.Generator().manual_seed(15)
-    base = torch.randn(16, 24, generator=g)
-    models = [base + 0.01 * torch.randn(16, 24, generator=g) for _ in range(3)]
-    per_model = [{"weight": 0.5, "density": 0.5} for _ in models]
+    base, models, per_model = _close_models(seed=15, count=3)
     impl = get_method("ties")
     merged = impl.start_merge(FakeContext(impl, base, models, {}, per_model))
     # 16 x 24 elements: two models' sparse deltas fit in the default queue, not in 30 bytes.
     assert merged.done() == (fold_queue_bytes == 30)
     assert torch.equal(merged.result(), impl.merge(FakeContext(impl, base, models, {}, per_model)))
+
+
+def _close_models(seed: int, count: int) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, Scalar]]]:
+    """A 16 x 24 base, `count` models near it, and ties parameters (weight 0.5, density 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(16, 24, generator=g)
+    models = [base + 0.01 * torch.randn(16, 24, generator=g) for _ in range(count)]
+    return base, models, [{"weight": 0.5, "density": 0.5} for _ in models]
