@@ -66,7 +66,6 @@ class SequentialFile:
     ends it (and with `sync`, fsyncs it). A context manager closes it without syncing."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self._fd = -1
         if _O_DIRECT:

@@ -358,8 +358,8 @@ class SourceReader:
         self._catalog_digests: dict[tuple[str, str], TensorDigests] = {}
         self._stats: dict[str, FileStat] = {}
         self._held: dict[tuple[str, str], memoryview] = {}
-        #: Tensors whose bytes, as read in this build, were all finite values.
-        self._finite: set[tuple[str, str]] = set()
+        #: Whether each tensor read whole in this build holds only finite values.
+        self._finite: dict[tuple[str, str], bool] = {}
         #: Set by the executor: the read-ahead and blob-writer threads, and the node being built.
         self.read_ahead: ReadAhead | None = None
         self.blob_writer: BlobWriter | None = None
@@ -416,10 +416,11 @@ class SourceReader:
 
     def read_finite(self, info: TensorInfo) -> torch.Tensor:
         """`read`, refusing a tensor that holds NaN or Inf (InputError): a NaN or Inf would
-        spread through every method silently. The read-ahead checked most tensors already."""
+        spread through every method silently. Every whole read was checked as it was read
+        (`_read_hashed`, on the read-ahead's thread as a rule)."""
         tensor = self.read(info)
-        if (str(info.path), info.name) not in self._finite:
-            _finite(tensor, info)
+        if not self._finite[(str(info.path), info.name)]:
+            raise _not_finite(info)
         return tensor
 
     def read_block(self, info: TensorInfo, block: int, keep: bool) -> torch.Tensor:
@@ -472,8 +473,8 @@ class SourceReader:
         self.counters.add(info.path, info.nbytes)
         self.counters.tensors_read += 1
         self._remember(info, digests)
-        if finite:
-            self._finite.add((str(info.path), info.name))
+        assert finite is not None, "whole reads are checked"
+        self._finite[(str(info.path), info.name)] = finite
         return buf, digests
 
     def _remember(self, info: TensorInfo, digests: TensorDigests) -> None:
@@ -1005,8 +1006,12 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _finite(tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     # A NaN or Inf would spread through every method silently: refuse it.
     if not all_finite(tensor):
-        raise InputError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values")
+        raise _not_finite(info)
     return tensor
+
+
+def _not_finite(info: TensorInfo) -> InputError:
+    return InputError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values")
 
 
 def _record_stats(

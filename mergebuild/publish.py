@@ -75,9 +75,9 @@ class OutputWriter:
 
     A thread does the file writes (past the page cache where the file system allows,
     see `direct_io`), which wait for the device, so the build goes on with the next
-    tensor meanwhile; at most
-    `queue_bytes` of finished tensors wait for it. Tensor digests are computed on
-    the caller's thread (they are its return value), file digests on the writer's.
+    tensor meanwhile; at most `queue_bytes` of finished tensors wait for it. Tensor
+    digests are computed on the caller's thread (they are its return value), file
+    digests on the writer's.
     """
 
     def __init__(
