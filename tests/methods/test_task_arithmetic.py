@@ -379,20 +379,21 @@ def _fold_all(fold: _Fold, weights: list[float], deltas: list[torch.Tensor], nor
 def _consensus_by_definition(
     weights: list[float], deltas: list[torch.Tensor], normalize: bool
 ) -> torch.Tensor:
-    """Zeros plus each model's part, in model order; the elected side's sum, divided by the
-    weights of the models on that side, summed in model order (0 counting as 1)."""
-    total, pos, neg, pos_weight, neg_weight = (torch.zeros_like(deltas[0]) for _ in range(5))
+    """Zeros plus each model's part, in model order; the side elected by the sign of the
+    positive plus the negative sum, divided by the weights of the models on that side,
+    summed in model order (0 counting as 1)."""
+    pos, neg, pos_weight, neg_weight = (torch.zeros_like(deltas[0]) for _ in range(4))
     for w, d in zip(weights, deltas, strict=True):
         weight = torch.tensor(w, dtype=torch.float32)
         weighted = d * weight
-        total += weighted
         pos += torch.where(weighted > 0, weighted, 0.0)
         neg += torch.where(weighted < 0, weighted, 0.0)
         pos_weight = torch.where(weighted > 0, pos_weight + weight, pos_weight)
         neg_weight = torch.where(weighted < 0, neg_weight + weight, neg_weight)
-    mixed = torch.where(total >= 0, pos, neg)
+    elected = pos + neg >= 0
+    mixed = torch.where(elected, pos, neg)
     if normalize:
-        kept = torch.where(total >= 0, pos_weight, neg_weight)
+        kept = torch.where(elected, pos_weight, neg_weight)
         mixed = mixed / torch.where(kept == 0, 1.0, kept)
     return mixed + 0.0
 
