@@ -642,10 +642,11 @@ class _Context:
     def model_param(self, i: int, name: str) -> Scalar:
         return self._per_model[i][name]
 
-    def uniform(self, i: int, part: slice) -> torch.Tensor:
+    def uniform_words(self, i: int, part: slice) -> torch.Tensor:
         first, count = self._flat_range()
         start, stop, _ = part.indices(count)
-        return _to_device(rng.uniform(self._stream(i), first + start, max(0, stop - start)), self.device)
+        words = rng.uniform_words(self._stream(i), first + start, max(0, stop - start))
+        return _to_device(words, self.device)
 
     def keep_mask(self, i: int, density: float) -> torch.Tensor:
         mask = rng.keep_mask(self._stream(i), *self._flat_range(), density).reshape(self.shape)

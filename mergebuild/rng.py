@@ -2,7 +2,10 @@
 
 Random methods (DARE, DELLA) draw one uniform per element. The value at flat
 index j is a hash of (seed, expert tensor digest, tensor name, j), so results
-never depend on block size, schedule, thread count or device.
+never depend on block size, schedule, thread count or device. Methods compare
+draws with probabilities on the hashes themselves (`keep_mask`, and
+`uniform_words` against `word_bounds`), with the same results as comparing the
+float64 uniforms.
 
 The hash runs on the host over blocks of `_CHUNK` elements whose uint64
 temporaries stay in the CPU cache; a whole-tensor pass per hash step (nine of
@@ -80,6 +83,38 @@ def uniform(key: int, start: int, count: int) -> torch.Tensor:
 
     parallel.map_parts(fill, range(0, count, _PART))
     return torch.from_numpy(out)
+
+
+#: Flipping a hash's top bit maps the unsigned order of the hashes to int64's.
+_TOP_BIT = np.uint64(1 << 63)
+
+
+def uniform_words(key: int, start: int, count: int) -> torch.Tensor:
+    """The hashes behind `uniform` for flat indices start .. start+count-1, as int64 words that
+    order like them (each hash minus 2^63): a uniform is below p exactly when its word is
+    below `word_bounds(p)`, so methods that compare draws with probabilities need neither
+    the float64 uniforms nor float64 comparisons."""
+    out = np.empty(count, dtype=np.int64)
+
+    def fill(first: int) -> None:
+        part = out[first : first + _PART].view(np.uint64)
+        for lo, hi, x in _hashed_blocks(key, start + first, part.size):
+            np.bitwise_xor(x, _TOP_BIT, out=part[lo:hi])
+
+    parallel.map_parts(fill, range(0, count, _PART))
+    return torch.from_numpy(out)
+
+
+def word_bounds(probabilities: torch.Tensor) -> torch.Tensor:
+    """int64 bounds, one per float64 probability p in [0, 1) (on its device): the uniform of
+    a word is below p iff the word is below p's bound (the same bound as `keep_mask`'s,
+    shifted like the words)."""
+    p = probabilities.detach().cpu().numpy().astype(np.float64, copy=False)
+    if not ((p >= 0) & (p < 1)).all():
+        raise ValueError("word bounds are for probabilities in [0, 1)")
+    # ceil(p * 2^53) < 2^53 is exact in float64 (a power-of-two scaling); shifted by 11 it fits 64 bits.
+    bounds = (np.ceil(p * 2.0**53).astype(np.uint64) << np.uint64(11)) ^ _TOP_BIT
+    return torch.from_numpy(bounds.view(np.int64)).to(probabilities.device)
 
 
 def keep_mask(key: int, start: int, count: int, density: float) -> torch.Tensor:

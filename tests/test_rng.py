@@ -81,8 +81,48 @@ def test_keep_mask_at_the_exact_threshold(offset: int) -> None:
     assert bool(rng.keep_mask(key, 0, count, density)[17]) == (offset > 0)
 
 
+probabilities = st.one_of(
+    st.sampled_from([0.0, 2.0**-53, 1e-300, 0.5, 1 - 2.0**-53]), st.floats(0.0, 1.0, exclude_max=True)
+)
+
+
+@FAST
+@given(key=keys, start=starts, count=counts, chunk=chunks, part=parts, p=probabilities)
+def test_uniform_words_are_below_a_bound_iff_the_uniforms_are_below_its_probability(
+    key: int, start: int, count: int, chunk: int, part: int, p: float
+) -> None:
+    with mock.patch.object(rng, "_CHUNK", chunk), mock.patch.object(rng, "_PART", part), jobs(3):
+        words = rng.uniform_words(key, start, count)
+    assert words.dtype == torch.int64
+    u = reference_uniform(key, start, count)
+    # The words order like the uniforms (ties among words only split equal uniforms).
+    order = torch.argsort(words, stable=True)
+    assert bool((u[order].diff() >= 0).all())
+    bound = rng.word_bounds(torch.tensor([p], dtype=torch.float64))
+    assert torch.equal(words < bound, u < p)
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_word_bounds_at_a_drawn_value(offset: int) -> None:
+    # Probabilities one ulp around a drawn value: the comparison is strict and exact.
+    key, count = 12345, 1000
+    u = reference_uniform(key, 0, count)
+    value = float(u[17])
+    p = math.nextafter(value, math.inf if offset > 0 else -math.inf) if offset else value
+    words = rng.uniform_words(key, 0, count)
+    assert torch.equal(words < rng.word_bounds(torch.tensor([p], dtype=torch.float64)), u < p)
+    assert bool(words[17] < rng.word_bounds(torch.tensor([p], dtype=torch.float64))) == (offset > 0)
+
+
+@pytest.mark.parametrize("p", [-1e-300, 1.0, math.nan])
+def test_word_bounds_refuse_probabilities_outside_zero_to_one(p: float) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        rng.word_bounds(torch.tensor([0.5, p], dtype=torch.float64))
+
+
 def test_streams_are_position_keyed() -> None:
     # A slice of the stream is the stream of the slice: no dependence on blocking.
     whole = rng.uniform(99, 0, 1000)
     assert torch.equal(rng.uniform(99, 300, 400), whole[300:700])
     assert torch.equal(rng.keep_mask(99, 300, 400, 0.3), whole[300:700] < 0.3)
+    assert torch.equal(rng.uniform_words(99, 300, 400), rng.uniform_words(99, 0, 1000)[300:700])

@@ -103,18 +103,19 @@ class TensorContext(Protocol):
         """Model i's value of a per-model parameter, resolved for this tensor."""
         ...
 
-    def uniform(self, i: int, part: slice) -> torch.Tensor:
-        """Float64 uniforms in [0, 1), one per flat element `part` of model i's tensor (flat).
+    def uniform_words(self, i: int, part: slice) -> torch.Tensor:
+        """Uniform draws in [0, 1), one per flat element `part` of model i's tensor (flat), as
+        int64 words (`rng.uniform_words`): a draw is below probability p iff its word is below
+        `rng.word_bounds(p)`.
 
-        Each value is a pure function of (seed, model i's tensor digest, tensor
+        Each draw is a pure function of (seed, model i's tensor digest, tensor
         name, flat element index), so it never depends on schedule, block size or
         how the elements are asked for. It may be called from several threads at once.
         """
         ...
 
     def keep_mask(self, i: int, density: float) -> torch.Tensor:
-        """Bool mask of shape `shape`: exactly `uniform(i, all elements) < density` (reshaped),
-        without the float64 draws."""
+        """Bool mask of shape `shape`: whether each draw (`uniform_words`) is below `density`."""
         ...
 
     def omitted(self, i: int) -> bool:

@@ -53,7 +53,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mergebuild import parallel
+from mergebuild import parallel, rng
 from mergebuild.methods.delta_stats import STATS_PIECE, DeltaStats
 from mergebuild.methods.fixed_point import masked_sums
 from mergebuild.methods.sparse_delta import Difference, flat_part
@@ -549,12 +549,13 @@ def magnitude_outliers(
     return _rank_range(delta, n_bottom, n_bottom + target, absolute=True, stats=stats)
 
 
-#: Float64 uniforms of a tensor's flat elements `part`, as a flat tensor.
-Uniforms = Callable[[slice], torch.Tensor]
+#: Uniform draws of a tensor's flat elements `part`, as a flat tensor of int64 words
+#: (`rng.uniform_words`).
+UniformWords = Callable[[slice], torch.Tensor]
 
 
 def della(
-    delta: torch.Tensor | Difference, uniforms: Uniforms, density: float, epsilon: float
+    delta: torch.Tensor | Difference, words: UniformWords, density: float, epsilon: float
 ) -> torch.Tensor:
     """Keep each element with a probability that rises linearly with its |delta| rank in its row.
 
@@ -562,18 +563,19 @@ def della(
     magnitude of a row is kept with probability density - epsilon, the largest
     with density + epsilon; a row of one element with probability density.
     Tied magnitudes rank by position in the row. An element is kept when its
-    uniform (from `uniforms`, asked for the flat elements of one slice of rows at
-    a time, from several threads at once) is below its probability.
+    uniform draw (from `words`, asked for the flat elements of one slice of rows
+    at a time, from several threads at once) is below its probability: when its
+    word is below the probability's bound (`rng.word_bounds`), one bound per rank.
     """
     shape = tuple(delta.shape) if len(delta.shape) >= 2 else (1, delta.numel())
     keep = torch.empty(shape, dtype=torch.bool, device=delta.device)
     # Rows are independent: slices of the leading dimension of about `_BLOCK` elements keep
-    # the sort's int64 temporaries, the uniforms and the float64 probabilities a slice's
-    # size, a `Difference` is made a slice at a time, never whole, and the slices run on
-    # the merge's threads side by side.
+    # the sort's int64 temporaries and the words a slice's size, a `Difference` is made a
+    # slice at a time, never whole, and the slices run on the merge's threads side by side.
     row_size = math.prod(shape[1:])
     step = max(1, _BLOCK // max(1, row_size))
     size = min(step, shape[0]) * row_size
+    bounds = _della_bounds(shape[1], density, epsilon, delta.device)
     # On the host the keys of float32, float16 and bfloat16 deltas sort in reused buffers.
     on_host = delta.device.type == "cpu" and delta.dtype in _KEYED_DTYPES
     scratch = parallel.Scratch(lambda: _DellaBuffers.of_size(size))
@@ -582,78 +584,103 @@ def della(
         stop = min(start + step, shape[0])
         part = slice(start * row_size, stop * row_size)
         rows_shape = (stop - start, *shape[1:])
-        u = uniforms(part).reshape(rows_shape)
+        row_words = words(part).reshape(rows_shape)
         if not on_host:
-            _della_rows(flat_part(delta, part).reshape(rows_shape), u, density, epsilon, keep[start:stop])
+            rows = flat_part(delta, part).reshape(rows_shape)
+            _della_rows(rows, row_words, bounds, keep[start:stop])
             return
         with scratch.held() as buffers:
             rows = flat_part(delta, part, buffers.values[: part.stop - part.start]).view(rows_shape)
-            _della_rows(rows, u, density, epsilon, keep[start:stop], buffers)
+            _della_rows_on_host(rows, row_words, bounds, keep[start:stop], buffers)
 
     parallel.map_parts(mask_rows, range(0, shape[0], step))
     return keep.reshape(delta.shape)
+
+
+def _della_bounds(length: int, density: float, epsilon: float, device: torch.device) -> torch.Tensor:
+    """The word bound of the keep probability of each ascending |delta| rank in a row of
+    `length` elements: density - epsilon + 2 epsilon * rank / (length - 1), in float64
+    (density for a row of one)."""
+    if length > 1:
+        rank_norm = torch.arange(length, dtype=torch.float64) / (length - 1)
+    else:
+        rank_norm = torch.full((1,), 0.5, dtype=torch.float64)
+    return rng.word_bounds((density - epsilon) + rank_norm * (2 * epsilon)).to(device)
 
 
 class _DellaBuffers(NamedTuple):
     """Working space for della's mask of one slice of rows on the host."""
 
     values: torch.Tensor  # float32: the slice's delta, then its keys
+    positions: torch.Tensor  # int64: 0, 1, 2, ...
     order: torch.Tensor  # int64
-    ranks: torch.Tensor  # int64
-    probs: torch.Tensor  # float64
+    words: torch.Tensor  # int64
+    kept: torch.Tensor  # bool
 
     @classmethod
     def of_size(cls, size: int) -> _DellaBuffers:
-        dtypes = (torch.float32, torch.int64, torch.int64, torch.float64)
-        return cls(*(torch.empty(size, dtype=dtype) for dtype in dtypes))
+        values, order, words, kept = (
+            torch.empty(size, dtype=dtype) for dtype in (torch.float32, torch.int64, torch.int64, torch.bool)
+        )
+        return cls(values, torch.arange(size), order, words, kept)
 
 
-def _della_rows(
-    rows: torch.Tensor,
-    u: torch.Tensor,
-    density: float,
-    epsilon: float,
-    out: torch.Tensor,
-    buffers: _DellaBuffers | None = None,
-) -> None:
-    """Write della's mask of `rows` (at least 2-D, rows along dimension 1), given its uniforms
-    `u`, into `out` (bool, rows' shape). With `buffers` (on the host), `rows` is their float32
-    `values`, which it overwrites, and its temporaries are theirs."""
-    n = rows.numel()
-    moved = rows.movedim(1, -1).shape
-    if buffers is not None:
-        # The int32 keys of |delta| sort faster than the floats, in the same order.
-        keys = rows.view(torch.int32).bitwise_and_(0x7FFFFFFF).movedim(1, -1)
-        order = _stable_order(keys, buffers.order[:n].view(moved))
-    elif rows.dtype in _KEYED_DTYPES:
+def _della_rows(rows: torch.Tensor, words: torch.Tensor, bounds: torch.Tensor, out: torch.Tensor) -> None:
+    """Write della's mask of `rows` (at least 2-D, rows along dimension 1), given their draws'
+    `words` and the bound of each rank, into `out` (bool, rows' shape)."""
+    if rows.dtype in _KEYED_DTYPES:
         keys = rows.to(torch.float32).view(torch.int32).bitwise_and(0x7FFFFFFF).movedim(1, -1)
         order = torch.sort(keys, dim=-1, stable=True).indices
     else:
         order = torch.argsort(rows.abs().movedim(1, -1), dim=-1, stable=True)
-    length = moved[-1]
-    # Keep probability by rank (the same float64 arithmetic as per element).
-    if length > 1:
-        rank_norm = torch.arange(length, dtype=torch.float64, device=rows.device) / (length - 1)
-    else:
-        rank_norm = torch.full((1,), 0.5, dtype=torch.float64, device=rows.device)
-    probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    ranks = torch.empty_like(order) if buffers is None else buffers.ranks[:n].view(moved)
+    length = order.shape[-1]
+    ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(length, device=rows.device).expand_as(order))
-    kept_probs = torch.take(probs, ranks, out=None if buffers is None else buffers.probs[:n].view(moved))
-    torch.lt(u.movedim(1, -1), kept_probs, out=out.movedim(1, -1))
+    torch.lt(words.movedim(1, -1), torch.take(bounds, ranks), out=out.movedim(1, -1))
 
 
-def _stable_order(keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The indices a stable ascending sort of non-negative int32 `keys` along the last
-    dimension gives, written into `out` (int64, contiguous, keys' shape), from a plain value
-    sort: each key with its position in the low bits is unique and orders like (key,
-    position), so the sorted values' low bits are the order. On one thread numpy's SIMD
-    sort of those int64 values (in place) takes 12.6 ns per element against 40 for torch's
-    stable argsort (rows of 1536)."""
-    length = keys.shape[-1]
-    bits = max(1, (length - 1).bit_length())
-    positions = torch.arange(length, dtype=torch.int64, device=keys.device)
-    out.copy_(keys).bitwise_left_shift_(bits).bitwise_or_(positions)
+def _della_rows_on_host(
+    rows: torch.Tensor, words: torch.Tensor, bounds: torch.Tensor, out: torch.Tensor, buffers: _DellaBuffers
+) -> None:
+    """`_della_rows` on the host, where `rows` is `buffers.values` (overwritten) and the
+    temporaries are the buffers'. The rows' elements are visited in sorted order: each
+    draw's word is gathered beside its rank's bound, and the comparisons scattered back
+    (numpy's take and put cost a fraction of torch's scatter of ranks and take of
+    bounds by rank)."""
+    n = rows.numel()
+    moved = rows.movedim(1, -1).shape
+    length = moved[-1]
+    # The int32 keys of |delta| sort faster than the floats, in the same order.
+    keys = rows.view(torch.int32).bitwise_and_(0x7FFFFFFF).movedim(1, -1)
+    # Flat indices (in the moved layout) of each row's elements in ascending |delta| order.
+    order = _stable_order(keys, buffers.positions, buffers.order[:n].view(moved))
+    flat_index = order.numpy().reshape(-1, length)
+    # The words in the moved layout, flat (a view for 2-D rows).
+    flat_words = words.movedim(1, -1).contiguous().numpy().reshape(-1)
+    # Every index is in range: "clip" clips nothing and, unlike "raise", writes `out` directly.
+    sorted_words = buffers.words[:n].numpy().reshape(-1, length)
+    np.take(flat_words, flat_index, out=sorted_words, mode="clip")
+    kept = np.less(sorted_words, bounds.numpy(), out=buffers.kept[:n].numpy().reshape(-1, length))
+    target = out.movedim(1, -1)
+    moved_out = target if target.is_contiguous() else torch.empty(moved, dtype=torch.bool)
+    # An index array's assignment: a third of np.put's time.
+    moved_out.numpy().reshape(-1)[flat_index] = kept
+    if moved_out is not target:
+        target.copy_(moved_out)
+
+
+def _stable_order(keys: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The flat indices of non-negative int32 `keys` (into a contiguous tensor of their shape),
+    each row (along the last dimension) in the order a stable ascending sort gives, written
+    into `out` (int64, contiguous, keys' shape); `positions` (int64) holds 0, 1, 2, ...,
+    at least as many. It is a plain value sort: each key with its flat index in the low bits
+    is unique and orders like (key, index) within a row, so the sorted values' low bits are
+    the order. On one thread numpy's SIMD sort of those int64 values (in place) takes 5 ns
+    per element against 40 for torch's stable argsort (rows of 1536)."""
+    n = keys.numel()
+    bits = max(1, (n - 1).bit_length())
+    assert bits <= 32, "a 31-bit key and the index fit an int64"
+    out.copy_(keys).bitwise_left_shift_(bits).bitwise_or_(positions[:n].view(keys.shape))
     ordered = out.numpy()
     ordered.sort(axis=-1)
     np.bitwise_and(ordered, (1 << bits) - 1, out=ordered)

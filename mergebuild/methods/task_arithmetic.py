@@ -457,8 +457,8 @@ class TaskArithmeticFamily(Method):
             stats.add_all(delta)
         if self.sparsifier == "random":
             return ctx.keep_mask(i, density)
-        uniforms = functools.partial(ctx.uniform, i)
-        return sparsify.della(delta, uniforms, density, float(ctx.model_param(i, "epsilon")))
+        words = functools.partial(ctx.uniform_words, i)
+        return sparsify.della(delta, words, density, float(ctx.model_param(i, "epsilon")))
 
     def merge(self, ctx: TensorContext) -> torch.Tensor:
         return self.start_merge(ctx).result()

@@ -33,9 +33,13 @@ deltas = st.one_of(coarse, fine)
 densities = st.floats(0.001, 1.0, exclude_min=False)
 
 
-def flat(uniforms: torch.Tensor) -> sparsify.Uniforms:
-    """della's uniforms, asked for by flat element range, from a tensor of them."""
-    return lambda part: uniforms.reshape(-1)[part]
+def flat(uniforms: torch.Tensor) -> sparsify.UniformWords:
+    """della's draws, asked for by flat element range, from a tensor of float64 uniforms in
+    [0, 1): as the words of those uniforms rounded down to a multiple of 2^-53 (exact for
+    `rng.uniform`'s and `torch.rand`'s)."""
+    top_53 = (uniforms.reshape(-1).numpy() * 2.0**53).astype(np.uint64)
+    words = torch.from_numpy(((top_53 << np.uint64(11)) ^ np.uint64(1 << 63)).view(np.int64))
+    return lambda part: words[part]
 
 
 #: Derandomized (the same examples every run, so CI cannot flake) and without an
@@ -613,14 +617,16 @@ def test_rescale_factor_does_not_depend_on_the_thread_count() -> None:
 
 
 @pytest.mark.parametrize("shape", [(3, 1), (4, 2), (50, 1537), (6, 7, 300)])
-def test_stable_order_is_torchs_stable_argsort(shape: tuple[int, ...]) -> None:
+def test_stable_order_is_torchs_stable_argsort_as_flat_indices(shape: tuple[int, ...]) -> None:
     g = torch.Generator().manual_seed(2)
     keys = torch.randint(0, 5, shape, generator=g, dtype=torch.int32) * 0x7FFF  # heavy ties
     keys[..., 0] = 0x7FFFFFFF  # the largest key
     moved = keys.movedim(1, -1) if keys.dim() > 2 else keys
     expected = torch.sort(moved, dim=-1, stable=True).indices
+    # Each row's indices, offset by the row's first flat index.
+    expected += torch.arange(0, moved.numel(), moved.shape[-1]).reshape(*moved.shape[:-1], 1)
     out = torch.full(moved.shape, -1, dtype=torch.int64)
-    assert sparsify._stable_order(moved, out) is out
+    assert sparsify._stable_order(moved, torch.arange(moved.numel() + 3), out) is out
     assert torch.equal(out, expected)
 
 
