@@ -72,7 +72,9 @@ def _hashed_blocks(key: int, start: int, count: int) -> Iterator[tuple[int, int,
 def uniform(key: int, start: int, count: int) -> torch.Tensor:
     """Float64 uniforms in [0, 1) for flat indices start .. start+count-1 of stream `key`.
 
-    The value is the hash's top 53 bits times 2**-53 (see `_hashed_blocks`).
+    The value is the hash's top 53 bits times 2**-53 (see `_hashed_blocks`). This is the
+    draws' definition: the methods compare draws without making these values
+    (`keep_mask`, `uniform_words`), and the tests check both against it.
     """
     out = np.empty(count, dtype=np.float64)
 
