@@ -71,14 +71,16 @@ def test_keep_mask_is_uniform_below_density(
 
 
 @pytest.mark.parametrize("offset", [-1, 0, 1])
-def test_keep_mask_at_the_exact_threshold(offset: int) -> None:
+def test_keep_mask_and_word_bounds_at_the_exact_threshold(offset: int) -> None:
     # Densities one ulp around a drawn value: the comparison is strict and exact.
     key, count = 12345, 1000
     u = reference_uniform(key, 0, count)
     value = float(u[17])
     density = math.nextafter(value, math.inf if offset > 0 else -math.inf) if offset else value
-    assert torch.equal(rng.keep_mask(key, 0, count, density), u < density)
-    assert bool(rng.keep_mask(key, 0, count, density)[17]) == (offset > 0)
+    below = rng.uniform_words(key, 0, count) < rng.word_bounds(torch.tensor([density], dtype=torch.float64))
+    for mask in (rng.keep_mask(key, 0, count, density), below):
+        assert torch.equal(mask, u < density)
+        assert bool(mask[17]) == (offset > 0)
 
 
 probabilities = st.one_of(
@@ -100,18 +102,6 @@ def test_uniform_words_are_below_a_bound_iff_the_uniforms_are_below_its_probabil
     assert bool((u[order].diff() >= 0).all())
     bound = rng.word_bounds(torch.tensor([p], dtype=torch.float64))
     assert torch.equal(words < bound, u < p)
-
-
-@pytest.mark.parametrize("offset", [-1, 0, 1])
-def test_word_bounds_at_a_drawn_value(offset: int) -> None:
-    # Probabilities one ulp around a drawn value: the comparison is strict and exact.
-    key, count = 12345, 1000
-    u = reference_uniform(key, 0, count)
-    value = float(u[17])
-    p = math.nextafter(value, math.inf if offset > 0 else -math.inf) if offset else value
-    words = rng.uniform_words(key, 0, count)
-    assert torch.equal(words < rng.word_bounds(torch.tensor([p], dtype=torch.float64)), u < p)
-    assert bool(words[17] < rng.word_bounds(torch.tensor([p], dtype=torch.float64))) == (offset > 0)
 
 
 @pytest.mark.parametrize("p", [-1e-300, 1.0, math.nan])
