@@ -16,7 +16,6 @@ Both spread parts of `_PART` elements over the merge's threads (`parallel`).
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Iterator
 
@@ -114,24 +113,30 @@ def word_bounds(probabilities: torch.Tensor) -> torch.Tensor:
     p = probabilities.detach().cpu().numpy().astype(np.float64, copy=False)
     if not ((p >= 0) & (p < 1)).all():
         raise ValueError("word bounds are for probabilities in [0, 1)")
-    # ceil(p * 2^53) < 2^53 is exact in float64 (a power-of-two scaling); shifted by 11 it fits 64 bits.
-    bounds = (np.ceil(p * 2.0**53).astype(np.uint64) << np.uint64(11)) ^ _TOP_BIT
+    bounds = _hash_bounds(p) ^ _TOP_BIT
     return torch.from_numpy(bounds.view(np.int64)).to(probabilities.device)
 
 
-def keep_mask(key: int, start: int, count: int, density: float) -> torch.Tensor:
-    """Bool mask equal to `uniform(key, start, count) < density`, bit for bit, but faster.
+def _hash_bounds(p: np.ndarray) -> np.ndarray:
+    """uint64 bounds, one per float64 probability p in [0, 1): a uniform is below p iff its
+    hash is below p's bound.
 
-    With u = m * 2**-53 and m an integer below 2**53: u < d  <=>  m < d * 2**53
-    (exact in float64: a power-of-two scaling)  <=>  m < ceil(d * 2**53). As the
-    hash h is m * 2**11 plus 11 low bits: m < T  <=>  h < T * 2**11.
+    With u = m * 2**-53 and m an integer below 2**53: u < p  <=>  m < p * 2**53
+    (exact in float64: a power-of-two scaling)  <=>  m < ceil(p * 2**53) = T. As the
+    hash h is m * 2**11 plus 11 low bits: m < T  <=>  h < T * 2**11 (at most 2^64 - 2^11).
     """
+    return np.ceil(p * 2.0**53).astype(np.uint64) << np.uint64(11)
+
+
+def keep_mask(key: int, start: int, count: int, density: float) -> torch.Tensor:
+    """Bool mask equal to `uniform(key, start, count) < density`, bit for bit, but faster: the
+    hashes are compared with the density's bound (`_hash_bounds`)."""
     density = float(density)
     if not density > 0:  # also NaN: nothing is below it
         return torch.zeros(count, dtype=torch.bool)
     if density >= 1:
         return torch.ones(count, dtype=torch.bool)
-    bound = np.uint64(math.ceil(density * 2.0**53) << 11)  # T * 2^11 <= 2^64 - 2^11
+    bound = _hash_bounds(np.array([density]))[0]
     out = np.empty(count, dtype=np.bool_)
 
     def fill(first: int) -> None:
