@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mergebuild import native
 from mergebuild.safetensors_io import DTYPE_NAMES, DTYPES
 
 _MAGIC = b"MBSD3\n"
@@ -54,9 +55,12 @@ def difference(expert: torch.Tensor, base: torch.Tensor, out: torch.Tensor | Non
     `expert - base` in one call converts the whole expert to a float32 temporary first:
     this subtracts `_DIFFERENCE_CHUNK` elements at a time, so the temporary is a chunk's
     size. Two 16-bit operands would be subtracted in 16 bits: the expert is copied into
-    `out` first, and a float32 tensor minus a 16-bit one is computed in float32.
+    `out` first, and a float32 tensor minus a 16-bit one is computed in float32. The
+    native kernel, where it takes the operands, does it all in one pass.
     """
     out = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None else out
+    if native.usable(expert, base, out):
+        return native.difference(expert, base, out)
     flat_expert, flat_base, flat_out = expert.reshape(-1), base.reshape(-1), out.reshape(-1)
     both_16_bit = expert.element_size() == 2 and base.element_size() == 2
     for start in range(0, flat_out.numel(), _DIFFERENCE_CHUNK):
@@ -169,11 +173,22 @@ def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> list[
     # Per section, its pieces in element order (each chunk's pieces follow the previous
     # chunk's; a chunk holds a multiple of 8 elements, so the packed mask's pieces do too).
     sections: list[list[np.ndarray]] = [[], [], []] if dtype.itemsize == 2 else [[], []]
+    fused = dtype.itemsize == 2 and native.library() is not None
     for start in range(0, mask.size, _ENCODE_CHUNK):
         part = slice(start, start + _ENCODE_CHUNK)
         kept = mask[part]
-        sections[0].append(np.packbits(kept))
         chunk = values[part].to(dtype)
+        if fused:
+            # One native pass packs the mask and codes the kept values (the same bytes).
+            count = int(np.count_nonzero(kept))
+            codes, escaped = np.empty(count + 1, dtype=np.int8), np.empty(count + 1, dtype=np.int16)
+            bits = np.ascontiguousarray(chunk.view(torch.int16).numpy())
+            packed, outside = native.encode_16(kept, bits, _bits(base_values[part], dtype), codes, escaped)
+            sections[0].append(packed)
+            sections[1].append(codes[:count])
+            sections[2].append(escaped[:outside].copy())
+            continue
+        sections[0].append(np.packbits(kept))
         if dtype.itemsize == 2:
             # The bit differences of every element, then one compaction of the kept ones (the
             # costly step, 0.8 ns per element) by their indices, which also pick the few escaped

@@ -53,7 +53,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mergebuild import parallel, rng
+from mergebuild import native, parallel, rng
 from mergebuild.methods.delta_stats import STATS_PIECE, DeltaStats
 from mergebuild.methods.fixed_point import masked_sums
 from mergebuild.methods.sparse_delta import Difference, flat_part
@@ -132,13 +132,20 @@ class _Keys:
     def block_at(self, lo: int) -> torch.Tensor:
         """The keys of the block that starts at flat element `lo` (a multiple of `_BLOCK`),
         in the reused buffer."""
+        values = self.values_at(lo)
+        m = values.numel()
+        return _key_values(values, self.absolute, self.buf[:m], self.aux[:m])
+
+    def values_at(self, lo: int) -> torch.Tensor:
+        """The float32 values of the block that starts at flat element `lo` (a multiple of
+        `_BLOCK`), contiguous: a view of a float32 tensor, else in a reused buffer."""
         part = slice(lo, min(lo + _BLOCK, self.n))
         m = part.stop - lo
-        src = flat_part(self.source, part, self.f32[:m] if self.f32 is not None else None)
+        values = flat_part(self.source, part, self.f32[:m] if self.f32 is not None else None)
         if self.stats is not None and lo == self.fed:
-            self.stats.add(lo, src)
+            self.stats.add(lo, values)
             self.fed = part.stop
-        return _key_values(src, self.absolute, self.buf[:m], self.aux[:m])
+        return values
 
     def sample(self) -> np.ndarray:
         """The sorted keys of a sample of the elements (see `_RUNS`): at seeded positions, so
@@ -306,8 +313,36 @@ def _bracketed_mask(
     at_least = [0] * len(ranges)
     found: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in ranges]
     gathered = 0
-    for start, block in keys:
-        k = block.numpy()
+    fused = native.library() is not None
+    if fused:
+        # The native kernel's outputs: per bracket, offsets in the block and keys.
+        at = [np.empty(size, dtype=np.int32) for _ in ranges]
+        inside_keys = [np.empty(size, dtype=np.int32) for _ in ranges]
+        counts = np.zeros(4, dtype=np.int64)
+    for start in range(0, n, _BLOCK):
+        if fused:
+            values = keys.values_at(start).numpy()
+            m = values.size
+            native.bracket_block(
+                values,
+                keys.absolute,
+                None if lower is None else lower[1],
+                None if upper is None else upper[0],
+                out[start : start + m],
+                ranges,
+                at,
+                inside_keys,
+                counts,
+            )
+            for j in range(len(ranges)):
+                found_here = int(counts[2 * j + 1])
+                found[j][1].append(inside_keys[j][:found_here].copy())
+                found[j][0].append(at[j][:found_here].astype(index_dtype) + index_dtype(start))
+                gathered += found_here
+            if gathered > limit:
+                return None
+            continue
+        k = keys.block_at(start).numpy()
         m = k.size
         dst = out[start : start + m]
         # Strictly between the brackets: kept whatever the exact bounds turn out to be.
@@ -329,6 +364,8 @@ def _bracketed_mask(
             gathered += index.size
         if gathered > limit:
             return None
+    if fused:
+        at_least = [int(counts[2 * j]) for j in range(len(ranges))]
     brackets = [
         _Bracket(n - at_least[j], np.concatenate(found[j][0]), np.concatenate(found[j][1]))
         for j in range(len(ranges))

@@ -27,6 +27,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
+from mergebuild import native
 from mergebuild.methods import sparsify
 from mergebuild.methods.base import (
     INT8_MASK,
@@ -219,11 +220,16 @@ class _Fold:
                 self.total = torch.empty_like(like, dtype=torch.float32)
             if self.track_weights:
                 self._start_weights(like)
+        fused = self._fuses(weighted)
         for part in _chunks(like.numel()):
-            size = part.stop - part.start
-            # The scratch buffer is free again before `_add_chunk` clamps into it.
-            kept, scratch = self._buffer("kept", like)[:size], self._buffer("scratch", like)[:size]
-            self._add_chunk(i, part, weighted.chunk(part, kept, scratch), first)
+            if fused:
+                assert isinstance(weighted, _Kept)
+                self._add_chunk_fused(i, part, weighted, first)
+            else:
+                size = part.stop - part.start
+                # The scratch buffer is free again before `_add_chunk` clamps into it.
+                kept, scratch = self._buffer("kept", like)[:size], self._buffer("scratch", like)[:size]
+                self._add_chunk(i, part, weighted.chunk(part, kept, scratch), first)
             if finish is not None:
                 self._finish_chunk(part, finish)
         if finish is not None:
@@ -250,6 +256,41 @@ class _Fold:
             buf = torch.empty(min(like.numel(), _CLAMP_CHUNK), dtype=dtype, device=like.device)
             setattr(self, name, buf)
         return buf
+
+    def _fuses(self, weighted: _Whole | _Kept) -> bool:
+        """Whether model i's chunks are made and folded in by one native kernel (see
+        `mergebuild.native`; the same bits as `_add_chunk`): a kept delta whose kept weights,
+        if tracked, are bit sets."""
+        if not isinstance(weighted, _Kept) or (self.track_weights and not self.use_bits):
+            return False
+        sparse = weighted.sparse
+        return native.usable(sparse.expert, sparse.mask, weighted.base, sparse.factor)
+
+    def _add_chunk_fused(self, i: int, part: slice, weighted: _Kept, first: bool) -> None:
+        """`_add_chunk` of flat elements `part` of model i's weighted kept delta, made and folded
+        in by one native kernel."""
+        sparse = weighted.sparse
+        operands = (
+            sparse.expert.reshape(-1)[part],
+            weighted.base.reshape(-1)[part],
+            sparse.mask.reshape(-1)[part],
+            sparse.factor,
+            weighted.weight,
+        )
+        if not self.consensus:
+            assert self.total is not None
+            native.fold_total(*operands, self.total.reshape(-1)[part], first)
+            return
+        assert self.pos is not None and self.neg is not None
+        pos, neg = self.pos.reshape(-1)[part], self.neg.reshape(-1)[part]
+        native.fold_signed(*operands, pos, neg, first, self._bit_sets(part), 1 << i)
+
+    def _bit_sets(self, part: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Flat elements `part` of the positive and negative bit sets, when they are tracked."""
+        if not (self.track_weights and self.use_bits):
+            return None
+        assert self.pos_weight is not None and self.neg_weight is not None
+        return self.pos_weight.reshape(-1)[part], self.neg_weight.reshape(-1)[part]
 
     def _add_chunk(self, i: int, part: slice, chunk: torch.Tensor, first: bool) -> None:
         """Fold flat elements `part` of model i's weighted delta (`chunk`, overwritten)."""
@@ -298,12 +339,23 @@ class _Fold:
         total is divided by all models' weights.
         """
         divisor: torch.Tensor | None = finish.weight_sum if finish.normalize else None
+        base = finish.base.reshape(-1)[part]
         if not self.consensus:
             assert self.total is not None
-            finish.apply(self.total.reshape(-1)[part], divisor, part)
+            total = self.total.reshape(-1)[part]
+            if native.usable(total, base):
+                native.finish_total(total, divisor, finish.lam, base)
+            else:
+                finish.apply(total, divisor, part)
             return
         assert self.pos is not None and self.neg is not None
         pos, neg = self.pos.reshape(-1)[part], self.neg.reshape(-1)[part]
+        if native.usable(pos, base) and not (self.track_weights and not self.use_bits):
+            table = None
+            if self.track_weights:
+                divisor, table = None, self._divisor_table(pos.device)
+            native.finish_signed(pos, neg, self._bit_sets(part), table, divisor, finish.lam, base)
+            return
         # The scratch buffer is free again: the chunk was folded in.
         weighted_sum = torch.add(pos, neg, out=self._buffer("scratch", pos)[: pos.numel()])
         elected = self._buffer("elected", pos, torch.bool)[: pos.numel()]
@@ -328,14 +380,19 @@ class _Fold:
         # int64 first). Every bit set is an index of the table, so "clip" clips nothing;
         # unlike "raise", it does not copy `out`. A GPU indexes with index_select.
         divisors = self._buffer("scratch", chosen)[: chosen.numel()]
+        table = self._divisor_table(chosen.device)
+        if chosen.device.type == "cpu":
+            np.take(table.numpy(), chosen.numpy(), out=divisors.numpy(), mode="clip")
+        else:
+            torch.index_select(table, 0, chosen.long(), out=divisors)
+        return divisors
+
+    def _divisor_table(self, device: torch.device) -> torch.Tensor:
+        """The divisors by kept bit set (`_subset_sums`) on `device`, made on first use."""
         if self.table is None:
             table = self._subset_sums()
-            self.table = table if chosen.device.type == "cpu" else table.to(chosen.device)
-        if chosen.device.type == "cpu":
-            np.take(self.table.numpy(), chosen.numpy(), out=divisors.numpy(), mode="clip")
-        else:
-            torch.index_select(self.table, 0, chosen.long(), out=divisors)
-        return divisors
+            self.table = table if device.type == "cpu" else table.to(device)
+        return self.table
 
     def _subset_sums(self) -> torch.Tensor:
         """Entry b: the float32 sum, in model order, of the weights of the models in bit

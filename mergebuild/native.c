@@ -1,0 +1,292 @@
+/* Fused elementwise passes of the merges (loaded by native.py).
+
+   Each function does in one pass over memory what the numpy/torch path does in
+   several. They must give the same bits: the library is compiled without
+   floating-point contraction or fast-math, so every float operation rounds once,
+   as IEEE single precision says, in the order written here, which is the order
+   of the passes they replace. Integer work (keys, masks, counts) is exact.
+
+   Value kinds: 0 float32, 1 bfloat16, 2 float16. 16-bit values convert to float32
+   exactly. */
+
+#include <stdint.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline float from_bits(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline int32_t bits_of(float f) {
+    int32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits;
+}
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    if (exponent == 0x1F) return from_bits(sign | 0x7F800000 | (mantissa << 13));
+    if (exponent == 0) {
+        float magnitude = (float)mantissa * 0x1p-24f; /* exact: a subnormal half */
+        return sign ? -magnitude : magnitude;
+    }
+    return from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+static inline __attribute__((always_inline)) float load(const void *p, int kind, i64 j) {
+    if (kind == BF16) return from_bits((uint32_t)((const uint16_t *)p)[j] << 16);
+    if (kind == F16) return half_to_float(((const uint16_t *)p)[j]);
+    return ((const float *)p)[j];
+}
+
+/* Calls BODY with the two kinds as constants, so each pairing gets its own loop. */
+#define BY_KINDS(ka, kb, BODY)                       \
+    switch ((ka) * 3 + (kb)) {                       \
+        case 0: BODY(F32, F32); break;               \
+        case 1: BODY(F32, BF16); break;              \
+        case 2: BODY(F32, F16); break;               \
+        case 3: BODY(BF16, F32); break;              \
+        case 4: BODY(BF16, BF16); break;             \
+        case 5: BODY(BF16, F16); break;              \
+        case 6: BODY(F16, F32); break;               \
+        case 7: BODY(F16, BF16); break;              \
+        default: BODY(F16, F16); break;              \
+    }
+
+/* out = a - b, in float32. */
+void mb_difference(i64 n, const void *a, int ka, const void *b, int kb, float *restrict out) {
+#define DIFFERENCE(KA, KB) \
+    for (i64 j = 0; j < n; j++) out[j] = load(a, KA, j) - load(b, KB, j);
+    BY_KINDS(ka, kb, DIFFERENCE)
+#undef DIFFERENCE
+}
+
+/* The weighted kept delta of one element: ((e - b) * keep) * factor * weight, keep 0 or 1
+   (a dropped infinite difference gives NaN, as the torch path's product does). Without a
+   rescale factor the callers pass 1, and x * 1 is x. */
+static inline __attribute__((always_inline)) float kept_weighted(
+    const void *e, int ke, const void *b, int kb, const uint8_t *mask, float factor, float weight, i64 j) {
+    return (load(e, ke, j) - load(b, kb, j)) * (float)mask[j] * factor * weight;
+}
+
+/* Without consensus: total = x + 0 for the first model (IEEE: -0 becomes +0), else total + x. */
+void mb_fold_total(i64 n, const void *e, int ke, const void *b, int kb, const uint8_t *restrict mask,
+                   const float *factor, float weight, float *restrict total, int first) {
+    const float scale = factor ? *factor : 1.0f;
+#define FOLD_TOTAL(KE, KB)                                                            \
+    if (first)                                                                        \
+        for (i64 j = 0; j < n; j++)                                                   \
+            total[j] = kept_weighted(e, KE, b, KB, mask, scale, weight, j) + 0.0f;    \
+    else                                                                              \
+        for (i64 j = 0; j < n; j++)                                                   \
+            total[j] = total[j] + kept_weighted(e, KE, b, KB, mask, scale, weight, j);
+    BY_KINDS(ke, kb, FOLD_TOTAL)
+#undef FOLD_TOTAL
+}
+
+/* x where `keep`, else +0 (a NaN is kept wherever a comparison keeps it). Bit operations, not
+   a conditional: gcc turns `(c ? 0 : x) + 0` into a branch, and then vectorizes nothing. */
+static inline __attribute__((always_inline)) float kept_if(float x, int keep) {
+    return from_bits((uint32_t)bits_of(x) & -(uint32_t)keep);
+}
+
+/* One model folded into the signed sums (x > 0 into pos, x < 0 into neg, NaN into both, as
+   torch.clamp gives them); WORD: the bit sets' type. */
+#define SIGNED_LOOP(KE, KB, FIRST, WORD, HAS_BITS)                                   \
+    for (i64 j = 0; j < n; j++) {                                                    \
+        float x = kept_weighted(e, KE, b, KB, mask, scale, weight, j);               \
+        if (HAS_BITS) {                                                              \
+            /* A product, not a conditional: gcc vectorizes only this form. */          \
+            ((WORD *)pos_bits)[j] |= (WORD)((x > 0.0f) * bit);                       \
+            ((WORD *)neg_bits)[j] |= (WORD)((x < 0.0f) * bit);                       \
+        }                                                                            \
+        float up = kept_if(x, !(x < 0.0f)), down = kept_if(x, !(x > 0.0f));         \
+        pos[j] = (FIRST ? 0.0f : pos[j]) + up;                                       \
+        neg[j] = (FIRST ? 0.0f : neg[j]) + down;                                     \
+    }
+#define SIGNED_FIRST(KE, KB, WORD, HAS_BITS)  \
+    if (first) {                              \
+        SIGNED_LOOP(KE, KB, 1, WORD, HAS_BITS) \
+    } else {                                  \
+        SIGNED_LOOP(KE, KB, 0, WORD, HAS_BITS) \
+    }
+#define SIGNED_8(KE, KB) SIGNED_FIRST(KE, KB, uint8_t, 1)
+#define SIGNED_32(KE, KB) SIGNED_FIRST(KE, KB, uint32_t, 1)
+#define SIGNED_NONE(KE, KB) SIGNED_FIRST(KE, KB, uint8_t, 0)
+
+/* With consensus: the positive and the negative parts of x summed apart (a NaN goes into
+   both; the first model's parts plus 0, which 0 + part is too); with `pos_bits` (then
+   `neg_bits` too), bit `bit` is set where x is positive (or negative), in bit sets of
+   `width` bytes (1 or 4). */
+void mb_fold_signed(i64 n, const void *e, int ke, const void *b, int kb, const uint8_t *restrict mask,
+                    const float *factor, float weight, float *restrict pos, float *restrict neg, int first,
+                    void *restrict pos_bits, void *restrict neg_bits, int width, uint32_t bit) {
+    const float scale = factor ? *factor : 1.0f;
+    if (!pos_bits) {
+        BY_KINDS(ke, kb, SIGNED_NONE)
+    } else if (width == 4) {
+        BY_KINDS(ke, kb, SIGNED_32)
+    } else {
+        BY_KINDS(ke, kb, SIGNED_8)
+    }
+}
+#undef SIGNED_8
+#undef SIGNED_32
+#undef SIGNED_NONE
+#undef SIGNED_FIRST
+#undef SIGNED_LOOP
+
+/* The finish of one element of the mix: divided by its divisor, times lambda, plus the base
+   (the callers pass 1 for an absent divisor or lambda: x / 1 and x * 1 are x). */
+static inline __attribute__((always_inline)) float finished(float mixed, float divisor, float lam,
+                                                             const void *base, int kb, i64 j) {
+    return mixed / divisor * lam + load(base, kb, j);
+}
+
+/* The merged values of a mix without consensus, over `total`; `divisor` is the one divisor
+   of every element (NULL: none). */
+void mb_finish_total(i64 n, float *restrict total, const float *divisor, const float *lam, const void *base,
+                     int kb) {
+    const float by = divisor ? *divisor : 1.0f, times = lam ? *lam : 1.0f;
+#define FINISH_TOTAL(KB) \
+    for (i64 j = 0; j < n; j++) total[j] = finished(total[j], by, times, base, KB, j);
+    switch (kb) {
+        case F32: FINISH_TOTAL(F32); break;
+        case BF16: FINISH_TOTAL(BF16); break;
+        default: FINISH_TOTAL(F16); break;
+    }
+#undef FINISH_TOTAL
+}
+
+/* The merged values of a consensus mix, over `pos`: the elected sign is that of pos + neg (0
+   counting as positive; NaN as negative), and picks the positive or the negative sum. With
+   `table`, the divisor is the table's entry for the elected side's bit set (`width` bytes);
+   otherwise `divisor` (NULL: none). */
+void mb_finish_signed(i64 n, float *restrict pos, const float *restrict neg, const void *pos_bits,
+                      const void *neg_bits, int width, const float *table, const float *divisor,
+                      const float *lam, const void *base, int kb) {
+    const float by = divisor ? *divisor : 1.0f, times = lam ? *lam : 1.0f;
+#define FINISH_SIGNED(KB, WORD, HAS_TABLE)                                                 \
+    for (i64 j = 0; j < n; j++) {                                                          \
+        WORD elected = pos[j] + neg[j] >= 0.0f;                                            \
+        float mixed = elected ? pos[j] : neg[j];                                           \
+        if (HAS_TABLE) {                                                                   \
+            /* The elected side's bit set, picked without a branch (it would mispredict). */ \
+            WORD up = ((const WORD *)pos_bits)[j], down = ((const WORD *)neg_bits)[j];     \
+            pos[j] = finished(mixed, table[down ^ ((up ^ down) & -elected)], times, base, KB, j); \
+        } else {                                                                           \
+            pos[j] = finished(mixed, by, times, base, KB, j);                              \
+        }                                                                                  \
+    }
+#define FINISH_SIGNED_BY_BASE(WORD, HAS_TABLE)                   \
+    switch (kb) {                                                \
+        case F32: FINISH_SIGNED(F32, WORD, HAS_TABLE); break;    \
+        case BF16: FINISH_SIGNED(BF16, WORD, HAS_TABLE); break;  \
+        default: FINISH_SIGNED(F16, WORD, HAS_TABLE); break;     \
+    }
+    if (!table) {
+        FINISH_SIGNED_BY_BASE(uint8_t, 0)
+    } else if (width == 4) {
+        FINISH_SIGNED_BY_BASE(uint32_t, 1)
+    } else {
+        FINISH_SIGNED_BY_BASE(uint8_t, 1)
+    }
+#undef FINISH_SIGNED_BY_BASE
+#undef FINISH_SIGNED
+}
+
+/* The int32 key of a float32 value: ordered like |x| (`absolute`) or like x (+m for x >= 0,
+   -m for x < 0, m the bit pattern of |x|: -0 and +0 share the key 0). */
+static inline __attribute__((always_inline)) int32_t key_of(float x, int absolute) {
+    int32_t bits = bits_of(x), magnitude = bits & 0x7FFFFFFF;
+    if (absolute) return magnitude;
+    return bits < 0 ? -magnitude : magnitude;
+}
+
+/* One bracket's step at element j: counts keys >= low, and gathers the key when inside
+   [low, high]. Written always, kept only when inside: no branch to mispredict. */
+#define GATHER_STEP(R)                             \
+    above_##R += key >= low_##R;                   \
+    at_##R[inside_##R] = (int32_t)j;               \
+    keys_##R[inside_##R] = key;                    \
+    inside_##R += (key >= low_##R) & (key <= high_##R);
+
+/* The pass over one block, with ABS and RANGES as constants. */
+#define BRACKET_LOOP(ABS, RANGES)                                                  \
+    for (i64 j = 0; j < n; j++) {                                                  \
+        int32_t key = key_of(values[j], ABS);                                      \
+        mask[j] = (!has_above | (key > above)) & (!has_beneath | (key < beneath)); \
+        if (RANGES > 0) {                                                          \
+            GATHER_STEP(0)                                                         \
+        }                                                                          \
+        if (RANGES > 1) {                                                          \
+            GATHER_STEP(1)                                                         \
+        }                                                                          \
+    }
+
+/* One block of the bracketing pass (sparsify._bracketed_mask): for the keys of `values`,
+   mask[j] = key > above (when has_above) and key < beneath (when has_beneath); for each of
+   the `ranges` (0 to 2) key ranges [lo[r], hi[r]]: found[2r] += how many keys are >= lo[r],
+   and the keys inside the range go to keys_r with their offsets in the block to at_r, in
+   order; found[2r + 1] = how many. */
+void mb_bracket_block(i64 n, const float *restrict values, int absolute, int has_above, int32_t above,
+                      int has_beneath, int32_t beneath, uint8_t *restrict mask, int ranges,
+                      const int32_t *lo, const int32_t *hi, int32_t *restrict at_0,
+                      int32_t *restrict keys_0, int32_t *restrict at_1, int32_t *restrict keys_1,
+                      i64 *restrict found) {
+    const int32_t low_0 = ranges > 0 ? lo[0] : 0, high_0 = ranges > 0 ? hi[0] : 0;
+    const int32_t low_1 = ranges > 1 ? lo[1] : 0, high_1 = ranges > 1 ? hi[1] : 0;
+    i64 above_0 = 0, inside_0 = 0, above_1 = 0, inside_1 = 0;
+    switch (absolute * 3 + ranges) {
+        case 0: BRACKET_LOOP(0, 0); break;
+        case 1: BRACKET_LOOP(0, 1); break;
+        case 2: BRACKET_LOOP(0, 2); break;
+        case 3: BRACKET_LOOP(1, 0); break;
+        case 4: BRACKET_LOOP(1, 1); break;
+        default: BRACKET_LOOP(1, 2); break;
+    }
+    found[0] += above_0;
+    found[1] = inside_0;
+    if (ranges > 1) {
+        found[2] += above_1;
+        found[3] = inside_1;
+    }
+}
+#undef BRACKET_LOOP
+#undef GATHER_STEP
+
+/* One chunk of a 2-byte sparse delta blob (sparse_delta.encode): the mask packed most
+   significant bit first (the last byte padded with zeros); per kept element the wrapping
+   difference of its bit pattern from the base's as a byte, or -128 when it does not fit in
+   -127 .. 127, the bit pattern then going to `escaped`. Returns how many escaped; `codes`
+   and `escaped` hold one more element than are kept (the last is scratch). */
+i64 mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict expert,
+                 const int16_t *restrict base, uint8_t *restrict packed, int8_t *restrict codes,
+                 int16_t *restrict escaped) {
+    for (i64 byte = 0; byte * 8 < n; byte++) {
+        uint8_t bits = 0;
+        for (int k = 0; k < 8; k++) {
+            i64 j = byte * 8 + k;
+            bits |= (uint8_t)((j < n && mask[j]) << (7 - k));
+        }
+        packed[byte] = bits;
+    }
+    /* Every element's code and bit pattern are written, and kept (or escaped) only by
+       advancing the count: a branch on a random mask would mispredict often. */
+    i64 kept = 0, outside = 0;
+    for (i64 j = 0; j < n; j++) {
+        int16_t diff = (int16_t)(uint16_t)((uint16_t)expert[j] - (uint16_t)base[j]);
+        int fits = diff >= -127 && diff <= 127, in = mask[j] != 0;
+        codes[kept] = fits ? (int8_t)diff : -128;
+        escaped[outside] = expert[j];
+        kept += in;
+        outside += in & !fits;
+    }
+    return outside;
+}

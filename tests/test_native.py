@@ -1,0 +1,252 @@
+"""The native kernels: built once, optional, and bit for bit the numpy/torch passes they replace.
+
+Each comparison runs one public function twice on the same inputs, with the
+kernels and with `native.library` answering None (the path a machine without
+a C compiler takes), and compares bit patterns.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import torch
+
+from mergebuild import native
+from mergebuild.catalog import BlockGrid
+from mergebuild.methods import delta_stats, sparse_delta, sparsify, task_arithmetic
+from mergebuild.methods.delta_stats import DeltaStats
+from mergebuild.methods.sparse_delta import Difference, SparseDelta, difference, encode
+from mergebuild.methods.task_arithmetic import _Finish, _Fold, _Kept
+
+T = TypeVar("T")
+
+built = pytest.mark.skipif(native.library() is None, reason="no C compiler here: the kernels are not built")
+
+
+def both_paths(monkeypatch: pytest.MonkeyPatch, run: Callable[[], T]) -> tuple[T, T]:
+    """`run()` with the kernels, then without them."""
+    with_kernels = run()
+    with monkeypatch.context() as m:
+        m.setattr(native, "library", lambda: None)
+        without = run()
+    return with_kernels, without
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same bit patterns, except that any NaN equals any NaN: the kernels may carry another
+    NaN payload or sign, which no output ever shows (inputs are finite, and a merge that
+    makes a NaN fails)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a[~nan].view(bits), b[~nan].view(bits))
+
+
+def with_specials(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """`x` (flat float32) with infinities, NaNs, signed zeros and subnormals sprinkled in."""
+    x = x.clone()
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-40, -3e-39])
+    at = torch.randint(0, x.numel(), (3 * specials.numel(),), generator=g)
+    x[at] = specials.repeat(3)
+    return x
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@built
+def test_every_16_bit_pattern_converts_exactly() -> None:
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    zeros = torch.zeros(patterns.numel())
+    for dtype in (torch.float16, torch.bfloat16):
+        values = patterns.view(dtype)
+        out = native.difference(values, zeros, torch.empty_like(zeros))
+        assert same_bits(out, values.float() - zeros)
+
+
+@built
+@pytest.mark.parametrize("expert_dtype", DTYPES)
+@pytest.mark.parametrize("base_dtype", DTYPES)
+def test_difference_is_torchs(
+    monkeypatch: pytest.MonkeyPatch, expert_dtype: torch.dtype, base_dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(1)
+    expert = with_specials(torch.randn(5000, generator=g), g).to(expert_dtype)
+    base = with_specials(torch.randn(5000, generator=g), g).to(base_dtype)
+    fast, slow = both_paths(monkeypatch, lambda: difference(expert, base))
+    assert same_bits(fast, slow)
+
+
+def _fold(
+    consensus: bool,
+    normalize: bool,
+    models: int,
+    dtypes: tuple[torch.dtype, torch.dtype],
+    rescale: bool,
+    lam: float,
+) -> torch.Tensor:
+    """A fold of `models` kept deltas (with infinities and NaNs among the experts), finished."""
+    g = torch.Generator().manual_seed(models)
+    expert_dtype, base_dtype = dtypes
+    base = (torch.randn(40, 75, generator=g) * 0.02).to(base_dtype)
+    weights = [float(w) for w in torch.randn(models, generator=g)]
+    fold = _Fold(consensus, weights, track_weights=normalize)
+    finish = _Finish(
+        normalize,
+        torch.tensor(sum(weights), dtype=torch.float32),
+        None if lam == 1 else torch.tensor(lam),
+        base,
+    )
+    for i in range(models):
+        moved = base.float() + torch.randn(base.shape, generator=g) * 0.01
+        expert = with_specials(moved.reshape(-1), g).reshape(base.shape).to(expert_dtype)
+        mask = torch.rand(base.shape, generator=g) < 0.4
+        factor = torch.tensor(1.0 + float(torch.rand((), generator=g))) if rescale else None
+        kept = _Kept(SparseDelta(mask, expert, factor), base, fold.weights[i])
+        fold.add(i, kept, finish if i == models - 1 else None)
+    return fold.result()
+
+
+@built
+@pytest.mark.parametrize("consensus", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("models", [1, 3, 10, 17])
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+)
+def test_folds_are_the_torch_paths(
+    monkeypatch: pytest.MonkeyPatch,
+    consensus: bool,
+    normalize: bool,
+    models: int,
+    dtypes: tuple[torch.dtype, torch.dtype],
+) -> None:
+    # Chunks far smaller than the tensor: many chunks, the last one partial.
+    monkeypatch.setattr(task_arithmetic, "_CLAMP_CHUNK", 256)
+    for rescale, lam in ((False, 1.0), (True, 0.6)):
+        fast, slow = both_paths(
+            monkeypatch, functools.partial(_fold, consensus, normalize, models, dtypes, rescale, lam)
+        )
+        assert same_bits(fast, slow)
+        assert fast.isnan().any()  # the specials reached the sums
+
+
+def _sparsified(dtype: torch.dtype, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(300, 250, generator=g) * 0.02).to(dtype)
+    # bf16 and fp16 deltas tie by the thousand near the threshold.
+    expert = (base.float() + torch.randn(base.shape, generator=g) * (0.003 if signed else 0.001)).to(dtype)
+    return base, expert
+
+
+@built
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.9])
+def test_sparsifiers_are_the_numpy_paths(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, density: float
+) -> None:
+    monkeypatch.setattr(sparsify, "_BLOCK", 1 << 13)  # 75000 elements: ten blocks
+    monkeypatch.setattr(delta_stats, "STATS_PIECE", 1 << 12)
+    base, expert = _sparsified(dtype, signed=False)
+    delta = Difference(expert, base)
+    grid = BlockGrid.for_shape(tuple(base.shape), 4096)
+
+    def masks() -> tuple[torch.Tensor, ...]:
+        stats = DeltaStats(grid, base.numel())
+        magnitude = sparsify.magnitude(delta, density, stats)
+        return (
+            torch.tensor(stats.result()),
+            magnitude,
+            sparsify.magnitude_outliers(delta, density, 0.02),
+            sparsify.keep_rank_range(
+                delta.whole(), int(0.2 * base.numel()), int((0.2 + density / 2) * base.numel())
+            ),
+            sparsify.magnitude(expert, density),  # a plain tensor's keys
+        )
+
+    fast, slow = both_paths(monkeypatch, masks)
+    for a, b in zip(fast, slow, strict=True):
+        assert same_bits(a, b)
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", [1, 8, 1001, 5000])
+def test_blobs_are_the_numpy_paths(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, size: int) -> None:
+    monkeypatch.setattr(sparse_delta, "_ENCODE_CHUNK", 512)
+    g = torch.Generator().manual_seed(size)
+    base = (torch.randn(size, generator=g) * 0.02).to(dtype)
+    delta = torch.randn(size, generator=g) * 5e-4
+    delta[torch.rand(size, generator=g) < 0.1] *= 400  # escaped codes
+    expert = (base.float() + delta).to(dtype)
+    for share in (0.0, 0.3, 1.0):
+        mask = torch.rand(size, generator=g) < share
+        sparse = SparseDelta(mask, expert, None)
+        fast, slow = both_paths(monkeypatch, lambda: b"".join(encode(sparse, base, dtype)))  # noqa: B023
+        assert fast == slow
+
+
+@pytest.fixture
+def fresh_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """The loader with no library loaded yet, compiling into an empty directory; the
+    session's library is loaded again afterwards."""
+    monkeypatch.setenv("MERGEBUILD_NATIVE_DIR", str(tmp_path))
+    monkeypatch.delenv("MERGEBUILD_NATIVE", raising=False)
+    native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+def test_the_kernels_can_be_turned_off(fresh_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MERGEBUILD_NATIVE", "0")
+    assert native.library() is None
+    assert not native.usable(torch.zeros(3))
+    assert list(fresh_library.iterdir()) == []
+
+
+def test_without_a_compiler_there_are_no_kernels(
+    fresh_library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", "mergebuild-no-such-compiler")
+    assert native.library() is None
+    native.library.cache_clear()
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    assert native.library() is None
+    assert list(fresh_library.iterdir()) == []
+
+
+@built
+def test_the_library_is_compiled_once_and_reused(
+    fresh_library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert native.library() is not None
+    (library,) = fresh_library.iterdir()
+    assert library.suffix == ".so"
+    native.library.cache_clear()
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise AssertionError("compiled again")
+
+    # What a later process does: it finds the library and compiles nothing.
+    monkeypatch.setattr(native.subprocess, "run", no_compiler)
+    assert native.library() is not None
+    assert list(fresh_library.iterdir()) == [library]
+
+
+@built
+def test_tensors_the_kernels_do_not_take() -> None:
+    assert native.usable(
+        torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bool), None
+    )
+    assert not native.usable(torch.zeros(4, dtype=torch.float64))
+    assert not native.usable(torch.zeros(4, 4).t())
