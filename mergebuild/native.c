@@ -290,3 +290,47 @@ i64 mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict ex
     }
     return outside;
 }
+
+/* The 64-bit hash of flat index `index` of a random stream (rng._hashed_blocks): SplitMix64's
+   finalizer over key + index * golden ratio, all mod 2^64. */
+static inline __attribute__((always_inline)) uint64_t stream_hash(uint64_t key, uint64_t index) {
+    uint64_t x = key + index * 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* out[j] = hash of index start + j is below `bound` (rng.keep_mask). */
+void mb_hashes_below(uint64_t key, uint64_t start, i64 n, uint64_t bound, uint8_t *restrict out) {
+    for (i64 j = 0; j < n; j++) out[j] = stream_hash(key, start + (uint64_t)j) < bound;
+}
+
+/* out[j] = hash of index start + j with its top bit flipped, as an int64 (rng.uniform_words). */
+void mb_hash_words(uint64_t key, uint64_t start, i64 n, uint64_t *restrict out) {
+    for (i64 j = 0; j < n; j++) out[j] = stream_hash(key, start + (uint64_t)j) ^ 0x8000000000000000ULL;
+}
+
+/* The integer sums behind fixed_point.masked_sums, of all of `values` (non-negative float32)
+   and of those where `mask`: each value times the `count` scales in turn, then its integer
+   part (truncated) and its fraction times 2^31 (truncated) summed apart. sums: whole and
+   fraction of all, whole and fraction of the kept ones. */
+void mb_masked_sums(i64 n, const float *restrict values, const uint8_t *restrict mask, const float *scales,
+                    int count, i64 *restrict sums) {
+    float step[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    for (int s = 0; s < count && s < 4; s++) step[s] = scales[s];
+    i64 whole = 0, fraction = 0, kept_whole = 0, kept_fraction = 0;
+    for (i64 j = 0; j < n; j++) {
+        /* Scaling by powers of two is exact but for underflow, which the same steps give. */
+        float v = values[j] * step[0] * step[1] * step[2] * step[3];
+        float kept = (float)mask[j] * v;
+        int32_t v_whole = (int32_t)v, kept_int = (int32_t)kept;
+        whole += v_whole;
+        fraction += (int32_t)((v - (float)v_whole) * 0x1p31f);
+        kept_whole += kept_int;
+        kept_fraction += (int32_t)((kept - (float)kept_int) * 0x1p31f);
+    }
+    sums[0] = whole;
+    sums[1] = fraction;
+    sums[2] = kept_whole;
+    sums[3] = kept_fraction;
+}

@@ -40,6 +40,7 @@ _FLAGS = ("-O3", "-fPIC", "-fno-semantic-interposition", "-shared", "-ffp-contra
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _I64, _INT, _F32, _U32, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint32, ctypes.c_void_p
+_U64 = ctypes.c_uint64
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mb_difference": (None, [_I64, _PTR, _INT, _PTR, _INT, _PTR]),
     "mb_fold_total": (None, [_I64, _PTR, _INT, _PTR, _INT, _PTR, _PTR, _F32, _PTR, _INT]),
@@ -54,7 +55,12 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
         [_I64, _PTR, _INT, _INT, ctypes.c_int32, _INT, ctypes.c_int32, _PTR, _INT, _PTR, _PTR] + [_PTR] * 5,
     ),
     "mb_encode_16": (_I64, [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]),
+    "mb_hashes_below": (None, [_U64, _U64, _I64, _U64, _PTR]),
+    "mb_hash_words": (None, [_U64, _U64, _I64, _PTR]),
+    "mb_masked_sums": (None, [_I64, _PTR, _PTR, _PTR, _INT, _PTR]),
 }
+#: How many scales `masked_sums` takes.
+MAX_SCALES = 4
 
 
 @functools.cache
@@ -281,3 +287,27 @@ def encode_16(
         escaped.ctypes.data,
     )
     return packed, int(outside)
+
+
+def hashes_below(key: int, start: int, bound: int, out: np.ndarray) -> None:
+    """out[j] (bool) = the hash of flat index start + j of stream `key` is below `bound`
+    (see `rng.keep_mask`)."""
+    _lib().mb_hashes_below(key, start, out.size, bound, out.ctypes.data)
+
+
+def hash_words(key: int, start: int, out: np.ndarray) -> None:
+    """out[j] (uint64) = the hash of flat index start + j of stream `key`, top bit flipped
+    (see `rng.uniform_words`)."""
+    _lib().mb_hash_words(key, start, out.size, out.ctypes.data)
+
+
+def masked_sums(values: torch.Tensor, mask: torch.Tensor, scales: list[float]) -> tuple[int, int, int, int]:
+    """The integer and fraction sums of `fixed_point.masked_sums` (at most `MAX_SCALES` scales):
+    whole and fraction of every value, whole and fraction of the kept ones."""
+    steps = np.array(scales or [1.0], dtype=np.float32)
+    sums = np.zeros(4, dtype=np.int64)
+    _lib().mb_masked_sums(
+        values.numel(), values.data_ptr(), mask.data_ptr(), steps.ctypes.data, len(scales), sums.ctypes.data
+    )
+    whole, fraction, kept_whole, kept_fraction = (int(s) for s in sums)
+    return whole, fraction, kept_whole, kept_fraction

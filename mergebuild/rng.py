@@ -11,7 +11,8 @@ The hash runs on the host over blocks of `_CHUNK` elements whose uint64
 temporaries stay in the CPU cache; a whole-tensor pass per hash step (nine of
 them) would be bound by memory bandwidth and page faults instead. `keep_mask` gives
 `uniform(...) < density` exactly without materializing the float64 uniforms.
-Both spread parts of `_PART` elements over the merge's threads (`parallel`).
+Both spread parts of `_PART` elements over the merge's threads (`parallel`), and hash
+with the native kernels where they are built (`mergebuild.native`: the same hashes).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import xxhash
 
-from mergebuild import parallel
+from mergebuild import native, parallel
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -99,6 +100,9 @@ def uniform_words(key: int, start: int, count: int) -> torch.Tensor:
 
     def fill(first: int) -> None:
         part = out[first : first + _PART].view(np.uint64)
+        if native.library() is not None:
+            native.hash_words(key, start + first, part)
+            return
         for lo, hi, x in _hashed_blocks(key, start + first, part.size):
             np.bitwise_xor(x, _TOP_BIT, out=part[lo:hi])
 
@@ -141,6 +145,9 @@ def keep_mask(key: int, start: int, count: int, density: float) -> torch.Tensor:
 
     def fill(first: int) -> None:
         part = out[first : first + _PART]
+        if native.library() is not None:
+            native.hashes_below(key, start + first, int(bound), part)
+            return
         for lo, hi, x in _hashed_blocks(key, start + first, part.size):
             np.less(x, bound, out=part[lo:hi])
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import torch
 
-from mergebuild import native
+from mergebuild import native, rng
 from mergebuild.catalog import BlockGrid
 from mergebuild.methods import delta_stats, sparse_delta, sparsify, task_arithmetic
 from mergebuild.methods.delta_stats import DeltaStats
+from mergebuild.methods.fixed_point import masked_sums
 from mergebuild.methods.sparse_delta import Difference, SparseDelta, difference, encode
 from mergebuild.methods.task_arithmetic import _Finish, _Fold, _Kept
 
@@ -250,3 +252,34 @@ def test_tensors_the_kernels_do_not_take() -> None:
     )
     assert not native.usable(torch.zeros(4, dtype=torch.float64))
     assert not native.usable(torch.zeros(4, 4).t())
+
+
+@built
+@pytest.mark.parametrize("start", [0, 12345, (1 << 40) + 7])
+def test_draws_are_the_numpy_paths(monkeypatch: pytest.MonkeyPatch, start: int) -> None:
+    key = rng.stream_key(3, b"digest", "model.embed_tokens.weight")
+    for density in (0.1, 0.5, 0.97):
+        fast, slow = both_paths(monkeypatch, lambda: rng.keep_mask(key, start, 70_001, density))  # noqa: B023
+        assert torch.equal(fast, slow)
+    fast, slow = both_paths(monkeypatch, lambda: rng.uniform_words(key, start, 70_001))
+    assert torch.equal(fast, slow)
+
+
+@built
+@pytest.mark.parametrize("top", [3.0e-2, 1.0e-30, 2.0e-44, 3.0e38, 1.0])
+def test_fixed_point_sums_are_the_torch_paths(monkeypatch: pytest.MonkeyPatch, top: float) -> None:
+    g = torch.Generator().manual_seed(4)
+    # Magnitudes spread over many binades below the largest, so that low bits are cut too.
+    values = torch.rand(40_000, generator=g) * torch.exp2(-40 * torch.rand(40_000, generator=g)) * top
+    values[7] = top
+    values[9] = 0.0
+    mask = torch.rand(40_000, generator=g) < 0.4
+
+    def sums() -> tuple[Fraction, Fraction] | None:
+        return masked_sums(
+            values.clone(), mask, torch.empty_like(values), torch.empty_like(values, dtype=torch.int32)
+        )
+
+    fast, slow = both_paths(monkeypatch, sums)
+    assert fast == slow
+    assert fast is not None and fast[0] > 0

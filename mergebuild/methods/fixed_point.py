@@ -16,6 +16,7 @@ from fractions import Fraction
 
 import torch
 
+from mergebuild import native
 from mergebuild.methods.sparse_delta import mask_as_floats
 
 #: Bits of each integer part of a scaled value (an int32 holds it).
@@ -97,7 +98,7 @@ _HOST_PIECE = 1 << 15
 def masked_sums(
     magnitudes: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, fixed: torch.Tensor
 ) -> tuple[Fraction, Fraction] | None:
-    """Exact sums of one block of non-negative float32 `magnitudes` (overwritten), all of
+    """Exact sums of one block of non-negative float32 `magnitudes` (may be overwritten), all of
     them and those where `mask`; None if one is infinite or NaN. `kept` (float32) and `fixed`
     (int32), the block's size, are scratch. It works in place in float32, without the float64
     copy `row_sums` makes, because the L1 rescale runs it over every delta of a merge.
@@ -120,6 +121,14 @@ def masked_sums(
         step = max(-_SCALE_STEP, min(_SCALE_STEP, remaining))
         scales.append(2.0**step)
         remaining -= step
+    unit = Fraction(2) ** -(shift + PART_BITS)
+    if len(scales) <= native.MAX_SCALES and native.usable(magnitudes, mask):
+        # One native pass makes the same integer sums.
+        whole_all, fraction_all, whole_kept, fraction_kept = native.masked_sums(magnitudes, mask, scales)
+        return (
+            ((whole_all << PART_BITS) + fraction_all) * unit,
+            ((whole_kept << PART_BITS) + fraction_kept) * unit,
+        )
     # The passes below run over pieces that stay in the CPU's cache: 3.7 ns per element
     # against 9.6 over the whole block. Integer sums do not depend on how they are split.
     n = magnitudes.numel()
@@ -138,6 +147,5 @@ def masked_sums(
             whole[side] += int(fixed_part.copy_(side_values).sum())
             side_values.frac_().mul_(2.0**PART_BITS)
             fraction[side] += int(fixed_part.copy_(side_values).sum())
-    unit = Fraction(2) ** -(shift + PART_BITS)
     before, after = (((whole[side] << PART_BITS) + fraction[side]) * unit for side in (0, 1))
     return before, after
