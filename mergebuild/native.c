@@ -269,24 +269,41 @@ void mb_bracket_block(i64 n, const float *restrict values, int absolute, int has
 i64 mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict expert,
                  const int16_t *restrict base, uint8_t *restrict packed, int8_t *restrict codes,
                  int16_t *restrict escaped) {
-    for (i64 byte = 0; byte * 8 < n; byte++) {
-        uint8_t bits = 0;
-        for (int k = 0; k < 8; k++) {
-            i64 j = byte * 8 + k;
-            bits |= (uint8_t)((j < n && mask[j]) << (7 - k));
-        }
-        packed[byte] = bits;
+    /* Eight mask bytes (each 0 or 1) at once: the product puts byte k's bit at bit 63 - k,
+       every other partial product lands below bit 56, and no two share a bit (no carries). */
+    i64 full = n / 8;
+    for (i64 byte = 0; byte < full; byte++) {
+        uint64_t word;
+        memcpy(&word, mask + 8 * byte, sizeof word);
+        packed[byte] = (uint8_t)((word * 0x8040201008040201ULL) >> 56);
     }
-    /* Every element's code and bit pattern are written, and kept (or escaped) only by
-       advancing the count: a branch on a random mask would mispredict often. */
+    if (n % 8) {
+        uint8_t bits = 0;
+        for (i64 j = 8 * full; j < n; j++) bits |= (uint8_t)(mask[j] << (7 - (j - 8 * full)));
+        packed[full] = bits;
+    }
+    /* Per piece: every element's code in one vectorized pass, then the kept codes and the
+       escaped bit patterns gathered without branches (each element is written, and kept only
+       by advancing the count: a branch on a random mask would mispredict often). */
+    enum { PIECE = 4096 };
+    int8_t piece_codes[PIECE];
     i64 kept = 0, outside = 0;
-    for (i64 j = 0; j < n; j++) {
-        int16_t diff = (int16_t)(uint16_t)((uint16_t)expert[j] - (uint16_t)base[j]);
-        int fits = diff >= -127 && diff <= 127, in = mask[j] != 0;
-        codes[kept] = fits ? (int8_t)diff : -128;
-        escaped[outside] = expert[j];
-        kept += in;
-        outside += in & !fits;
+    for (i64 lo = 0; lo < n; lo += PIECE) {
+        i64 m = n - lo < PIECE ? n - lo : PIECE;
+        const uint8_t *in = mask + lo;
+        const int16_t *e = expert + lo, *b = base + lo;
+        for (i64 j = 0; j < m; j++) {
+            int16_t diff = (int16_t)(uint16_t)((uint16_t)e[j] - (uint16_t)b[j]);
+            piece_codes[j] = diff >= -127 && diff <= 127 ? (int8_t)diff : -128;
+        }
+        for (i64 j = 0; j < m; j++) {
+            codes[kept] = piece_codes[j];
+            kept += in[j];
+        }
+        for (i64 j = 0; j < m; j++) {
+            escaped[outside] = e[j];
+            outside += in[j] & (piece_codes[j] == -128);
+        }
     }
     return outside;
 }
