@@ -642,11 +642,8 @@ class _Context:
     def model_param(self, i: int, name: str) -> Scalar:
         return self._per_model[i][name]
 
-    def uniform_words(self, i: int, part: slice) -> torch.Tensor:
-        first, count = self._flat_range()
-        start, stop, _ = part.indices(count)
-        words = rng.uniform_words(self._stream(i), first + start, max(0, stop - start))
-        return _to_device(words, self.device)
+    def draws(self, i: int) -> rng.Draws:
+        return rng.Draws(self._stream(i), self._flat_range()[0])
 
     def keep_mask(self, i: int, density: float) -> torch.Tensor:
         mask = rng.keep_mask(self._stream(i), *self._flat_range(), density).reshape(self.shape)

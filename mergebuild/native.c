@@ -351,3 +351,33 @@ void mb_masked_sums(i64 n, const float *restrict values, const uint8_t *restrict
     sums[2] = kept_whole;
     sums[3] = kept_fraction;
 }
+
+/* della's sort keys of a slice of rows (sparsify._stable_order): the bit pattern of |a - b|
+   (of |a| when b is NULL) shifted left by `shift`, with the element's flat index in the low
+   bits, so that a plain sort of each row orders it by magnitude, ties by position. */
+void mb_della_keys(i64 n, const void *a, int ka, const void *b, int kb, int shift, int64_t *restrict out) {
+#define DELLA_KEYS(KA, KB)                                                                        \
+    for (i64 j = 0; j < n; j++) {                                                                 \
+        float x = b ? load(a, KA, j) - load(b, KB, j) : load(a, KA, j);                           \
+        out[j] = ((int64_t)(bits_of(x) & 0x7FFFFFFF) << shift) | j;                               \
+    }
+    BY_KINDS(ka, kb, DELLA_KEYS)
+#undef DELLA_KEYS
+}
+
+/* della's mask of a slice of `rows` rows of `length` elements, from each row's keys sorted
+   (mb_della_keys): the element of ascending rank r in its row, at flat index j of the slice
+   (the keys' low `shift` bits), is kept iff its draw's word (rng.uniform_words: the hash of
+   index first + j of stream `key`, top bit flipped, as an int64) is below bounds[r]. */
+void mb_della_keep(i64 rows, i64 length, const int64_t *restrict sorted, int shift, uint64_t key,
+                   uint64_t first, const int64_t *restrict bounds, uint8_t *restrict out) {
+    const int64_t low = ((int64_t)1 << shift) - 1;
+    for (i64 row = 0; row < rows; row++) {
+        const int64_t *keys = sorted + row * length;
+        for (i64 r = 0; r < length; r++) {
+            int64_t j = keys[r] & low;
+            int64_t word = (int64_t)(stream_hash(key, first + (uint64_t)j) ^ 0x8000000000000000ULL);
+            out[j] = word < bounds[r];
+        }
+    }
+}

@@ -58,6 +58,8 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mb_hashes_below": (None, [_U64, _U64, _I64, _U64, _PTR]),
     "mb_hash_words": (None, [_U64, _U64, _I64, _PTR]),
     "mb_masked_sums": (None, [_I64, _PTR, _PTR, _PTR, _INT, _PTR]),
+    "mb_della_keys": (None, [_I64, _PTR, _INT, _PTR, _INT, _INT, _PTR]),
+    "mb_della_keep": (None, [_I64, _I64, _PTR, _INT, _U64, _U64, _PTR, _PTR]),
 }
 #: How many scales `masked_sums` takes.
 MAX_SCALES = 4
@@ -311,3 +313,29 @@ def masked_sums(values: torch.Tensor, mask: torch.Tensor, scales: list[float]) -
     )
     whole, fraction, kept_whole, kept_fraction = (int(s) for s in sums)
     return whole, fraction, kept_whole, kept_fraction
+
+
+def della_keys(values: torch.Tensor, base: torch.Tensor | None, shift: int, out: np.ndarray) -> None:
+    """Into `out` (int64, the values' size): the bit pattern of |values - base| (of |values|
+    without a base) shifted left by `shift`, or'ed with the element's flat index."""
+    _lib().mb_della_keys(
+        out.size,
+        values.data_ptr(),
+        _KINDS[values.dtype],
+        _ptr(base),
+        _KINDS[base.dtype] if base is not None else 0,
+        shift,
+        out.ctypes.data,
+    )
+
+
+def della_keep(
+    sorted_keys: np.ndarray, shift: int, key: int, first: int, bounds: np.ndarray, out: np.ndarray
+) -> None:
+    """della's mask of rows of sorted `della_keys` (2-D: rows x length) into `out` (bool, flat,
+    the slice's elements): the element of rank r in its row is kept iff the word of its draw
+    (index `first` + its flat index, of stream `key`) is below bounds[r] (int64)."""
+    rows, length = sorted_keys.shape
+    _lib().mb_della_keep(
+        rows, length, sorted_keys.ctypes.data, shift, key, first, bounds.ctypes.data, out.ctypes.data
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -108,6 +109,20 @@ def uniform_words(key: int, start: int, count: int) -> torch.Tensor:
 
     parallel.map_parts(fill, range(0, count, _PART))
     return torch.from_numpy(out)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The draws of one model's tensor (or of the rows a context covers): element j's draw is
+    index `first` + j of stream `key`. Called with a slice of the elements (start and stop
+    given), it gives their `uniform_words`; a method that knows the stream may also make the
+    draws itself (della's native kernel does)."""
+
+    key: int
+    first: int = 0
+
+    def __call__(self, part: slice) -> torch.Tensor:
+        return uniform_words(self.key, self.first + part.start, part.stop - part.start)
 
 
 def word_bounds(probabilities: torch.Tensor) -> torch.Tensor:

@@ -283,3 +283,21 @@ def test_fixed_point_sums_are_the_torch_paths(monkeypatch: pytest.MonkeyPatch, t
     fast, slow = both_paths(monkeypatch, sums)
     assert fast == slow
     assert fast is not None and fast[0] > 0
+
+
+@built
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 250), (30_000,), (7, 1)])
+def test_della_from_a_stream_is_della_from_its_words(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    monkeypatch.setattr(sparsify, "_BLOCK", 1 << 12)  # many slices of rows
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    expert = (base.float() + torch.randn(shape, generator=g) * 0.002).to(dtype)
+    draws = rng.Draws(rng.stream_key(1, b"digest", "w"), first=4321)
+    for delta in (Difference(expert, base), expert):
+        fused = sparsify.della(delta, draws, 0.4, 0.2)
+        # Any other callable gives the draws as words: gathered, compared, put back.
+        assert torch.equal(fused, sparsify.della(delta, lambda part: draws(part), 0.4, 0.2))
+        assert fused.numel() < 100 or 0.3 < fused.float().mean() < 0.5

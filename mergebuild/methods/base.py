@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from mergebuild import rng
     from mergebuild.methods.delta_stats import DeltaStats
     from mergebuild.methods.sparse_delta import SparseDelta
 
@@ -103,10 +104,10 @@ class TensorContext(Protocol):
         """Model i's value of a per-model parameter, resolved for this tensor."""
         ...
 
-    def uniform_words(self, i: int, part: slice) -> torch.Tensor:
-        """Uniform draws in [0, 1), one per flat element `part` of model i's tensor (flat), as
-        int64 words (`rng.uniform_words`): a draw is below probability p iff its word is below
-        `rng.word_bounds(p)`.
+    def draws(self, i: int) -> rng.Draws:
+        """Model i's draws: uniforms in [0, 1), one per flat element of its tensor, asked for as
+        int64 words (`rng.uniform_words`, on the host) by flat element range: a draw is below
+        probability p iff its word is below `rng.word_bounds(p)`.
 
         Each draw is a pure function of (seed, model i's tensor digest, tensor
         name, flat element index), so it never depends on schedule, block size or
@@ -115,7 +116,7 @@ class TensorContext(Protocol):
         ...
 
     def keep_mask(self, i: int, density: float) -> torch.Tensor:
-        """Bool mask of shape `shape`: whether each draw (`uniform_words`) is below `density`."""
+        """Bool mask of shape `shape`: whether each draw (`draws`) is below `density`."""
         ...
 
     def omitted(self, i: int) -> bool:

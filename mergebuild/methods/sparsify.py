@@ -603,6 +603,10 @@ def della(
     uniform draw (from `words`, asked for the flat elements of one slice of rows
     at a time, from several threads at once) is below its probability: when its
     word is below the probability's bound (`rng.word_bounds`), one bound per rank.
+    Draws from a stream (`rng.Draws`) of a 2-D (or 1-D) tensor on the host go to the
+    native kernels where they are built: they make the sort keys, and after numpy's
+    sort, hash each element's draw as they meet it in rank order, so no words are
+    made, gathered or put back.
     """
     shape = tuple(delta.shape) if len(delta.shape) >= 2 else (1, delta.numel())
     keep = torch.empty(shape, dtype=torch.bool, device=delta.device)
@@ -616,12 +620,19 @@ def della(
     # On the host the keys of float32, float16 and bfloat16 deltas sort in reused buffers.
     on_host = delta.device.type == "cpu" and delta.dtype in _KEYED_DTYPES
     scratch = parallel.Scratch(lambda: _DellaBuffers.of_size(size))
+    operands = _della_operands(delta) if on_host and len(delta.shape) <= 2 else None
+    fused = operands is not None and isinstance(words, rng.Draws)
 
     def mask_rows(start: int) -> None:
         stop = min(start + step, shape[0])
         part = slice(start * row_size, stop * row_size)
         rows_shape = (stop - start, *shape[1:])
-        row_words = words(part).reshape(rows_shape)
+        if fused:
+            assert operands is not None and isinstance(words, rng.Draws)
+            with scratch.held() as buffers:
+                _della_rows_fused(operands, part, shape[1], words, bounds, keep[start:stop], buffers)
+            return
+        row_words = words(part).to(delta.device).reshape(rows_shape)
         if not on_host:
             rows = flat_part(delta, part).reshape(rows_shape)
             _della_rows(rows, row_words, bounds, keep[start:stop])
@@ -704,6 +715,40 @@ def _della_rows_on_host(
     moved_out.numpy().reshape(-1)[flat_index] = kept
     if moved_out is not target:
         target.copy_(moved_out)
+
+
+def _della_operands(delta: torch.Tensor | Difference) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The flat (values, base) the native kernels make della's keys of (`native.della_keys`),
+    or None when they do not take them."""
+    values, base = (delta.expert, delta.base) if isinstance(delta, Difference) else (delta, None)
+    if not native.usable(values, base):
+        return None
+    return values.reshape(-1), None if base is None else base.reshape(-1)
+
+
+def _della_rows_fused(
+    operands: tuple[torch.Tensor, torch.Tensor | None],
+    part: slice,
+    length: int,
+    draws: rng.Draws,
+    bounds: torch.Tensor,
+    out: torch.Tensor,
+    buffers: _DellaBuffers,
+) -> None:
+    """`_della_rows` of flat elements `part` (whole rows of `length`) by the native kernels: the
+    sort keys (as `_stable_order` makes them), numpy's sort of each row, then each element's
+    draw hashed and compared with its rank's bound, into `out` (bool, contiguous)."""
+    values, base = operands
+    n = part.stop - part.start
+    shift = max(1, (n - 1).bit_length())
+    assert shift <= 32, "a 31-bit key and the index fit an int64"
+    keys = buffers.order[:n].numpy()
+    native.della_keys(values[part], None if base is None else base[part], shift, keys)
+    ordered = keys.reshape(-1, length)
+    ordered.sort(axis=-1)
+    native.della_keep(
+        ordered, shift, draws.key, draws.first + part.start, bounds.numpy(), out.numpy().reshape(-1)
+    )
 
 
 def _stable_order(keys: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -514,8 +514,7 @@ class TaskArithmeticFamily(Method):
             stats.add_all(delta)
         if self.sparsifier == "random":
             return ctx.keep_mask(i, density)
-        words = functools.partial(ctx.uniform_words, i)
-        return sparsify.della(delta, words, density, float(ctx.model_param(i, "epsilon")))
+        return sparsify.della(delta, ctx.draws(i), density, float(ctx.model_param(i, "epsilon")))
 
     def merge(self, ctx: TensorContext) -> torch.Tensor:
         return self.start_merge(ctx).result()

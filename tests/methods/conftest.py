@@ -130,10 +130,8 @@ class FakeContext:
         key = rng.stream_key(self.seed, digest(i), self.name)
         return rng.keep_mask(key, 0, math.prod(self.shape), density).reshape(self.shape)
 
-    def uniform_words(self, i: int, part: slice) -> torch.Tensor:
-        key = rng.stream_key(self.seed, digest(i), self.name)
-        start, stop, _ = part.indices(math.prod(self.shape))
-        return rng.uniform_words(key, start, max(0, stop - start))
+    def draws(self, i: int) -> rng.Draws:
+        return rng.Draws(rng.stream_key(self.seed, digest(i), self.name))
 
 
 def resolved(ctx: FakeContext) -> tuple[dict[str, Scalar], list[dict[str, Scalar]]]:
