@@ -209,57 +209,69 @@ static inline __attribute__((always_inline)) int32_t key_of(float x, int absolut
     return bits < 0 ? -magnitude : magnitude;
 }
 
-/* One bracket's step at element j: counts keys >= low, and gathers the key when inside
-   [low, high]. Written always, kept only when inside: no branch to mispredict. */
-#define GATHER_STEP(R)                             \
-    above_##R += key >= low_##R;                   \
-    at_##R[inside_##R] = (int32_t)j;               \
-    keys_##R[inside_##R] = key;                    \
-    inside_##R += (key >= low_##R) & (key <= high_##R);
-
-/* The pass over one block, with ABS and RANGES as constants. */
-#define BRACKET_LOOP(ABS, RANGES)                                                  \
+/* The mask of one block and its counts (see mb_bracket_block), with ABS and COUNTS as constants:
+   branch-free, so it vectorizes. */
+#define MASK_LOOP(ABS, COUNTS)                                                     \
     for (i64 j = 0; j < n; j++) {                                                  \
         int32_t key = key_of(values[j], ABS);                                      \
         mask[j] = (!has_above | (key > above)) & (!has_beneath | (key < beneath)); \
-        if (RANGES > 0) {                                                          \
-            GATHER_STEP(0)                                                         \
-        }                                                                          \
-        if (RANGES > 1) {                                                          \
-            GATHER_STEP(1)                                                         \
-        }                                                                          \
+        if (COUNTS > 0) c0 += key >= t0;                                           \
+        if (COUNTS > 1) c1 += key >= t1;                                           \
+        if (COUNTS > 2) c2 += key >= t2;                                           \
+        if (COUNTS > 3) c3 += key >= t3;                                           \
     }
 
-/* One block of the bracketing pass (sparsify._bracketed_mask): for the keys of `values`,
-   mask[j] = key > above (when has_above) and key < beneath (when has_beneath); for each of
-   the `ranges` (0 to 2) key ranges [lo[r], hi[r]]: found[2r] += how many keys are >= lo[r],
-   and the keys inside the range go to keys_r with their offsets in the block to at_r, in
-   order; found[2r + 1] = how many. */
-void mb_bracket_block(i64 n, const float *restrict values, int absolute, int has_above, int32_t above,
-                      int has_beneath, int32_t beneath, uint8_t *restrict mask, int ranges,
-                      const int32_t *lo, const int32_t *hi, int32_t *restrict at_0,
-                      int32_t *restrict keys_0, int32_t *restrict at_1, int32_t *restrict keys_1,
-                      i64 *restrict found) {
-    const int32_t low_0 = ranges > 0 ? lo[0] : 0, high_0 = ranges > 0 ? hi[0] : 0;
-    const int32_t low_1 = ranges > 1 ? lo[1] : 0, high_1 = ranges > 1 ? hi[1] : 0;
-    i64 above_0 = 0, inside_0 = 0, above_1 = 0, inside_1 = 0;
-    switch (absolute * 3 + ranges) {
-        case 0: BRACKET_LOOP(0, 0); break;
-        case 1: BRACKET_LOOP(0, 1); break;
-        case 2: BRACKET_LOOP(0, 2); break;
-        case 3: BRACKET_LOOP(1, 0); break;
-        case 4: BRACKET_LOOP(1, 1); break;
-        default: BRACKET_LOOP(1, 2); break;
+/* The keys of one block inside [low, high], to `keys` with their offsets to `at`, in order;
+   returns how many. Every element is written, and kept only by advancing the count: no
+   branch to mispredict. */
+static inline __attribute__((always_inline)) i64 gather(i64 n, const float *restrict values, int absolute,
+                                                        int32_t low, int32_t high, int32_t *restrict at,
+                                                        int32_t *restrict keys) {
+    i64 inside = 0;
+    for (i64 j = 0; j < n; j++) {
+        int32_t key = key_of(values[j], absolute);
+        at[inside] = (int32_t)j;
+        keys[inside] = key;
+        inside += (key >= low) & (key <= high);
     }
-    found[0] += above_0;
-    found[1] = inside_0;
-    if (ranges > 1) {
-        found[2] += above_1;
-        found[3] = inside_1;
+    return inside;
+}
+
+/* One block of the bracketing pass (sparsify._bracketed_mask): for the keys of `values`,
+   mask[j] = key > above (when has_above) and key < beneath (when has_beneath);
+   counted[t] += how many keys are >= thresholds[t], for each of `count` (0 to 4)
+   thresholds; and for each of `ranges` (0 to 2) key ranges [lo[r], hi[r]], the keys inside
+   go to keys_r with their offsets in the block to at_r, in order, found[r] of them. */
+void mb_bracket_block(i64 n, const float *restrict values, int absolute, int has_above, int32_t above,
+                      int has_beneath, int32_t beneath, uint8_t *restrict mask, int count,
+                      const int32_t *thresholds, i64 *restrict counted, int ranges, const int32_t *lo,
+                      const int32_t *hi, int32_t *restrict at_0, int32_t *restrict keys_0,
+                      int32_t *restrict at_1, int32_t *restrict keys_1, i64 *restrict found) {
+    const int32_t t0 = count > 0 ? thresholds[0] : 0, t1 = count > 1 ? thresholds[1] : 0;
+    const int32_t t2 = count > 2 ? thresholds[2] : 0, t3 = count > 3 ? thresholds[3] : 0;
+    /* Per block (at most 2^31 elements), so 32-bit counters, which vectorize better. */
+    int32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+    switch (absolute * 5 + count) {
+        case 0: MASK_LOOP(0, 0); break;
+        case 1: MASK_LOOP(0, 1); break;
+        case 2: MASK_LOOP(0, 2); break;
+        case 3: MASK_LOOP(0, 3); break;
+        case 4: MASK_LOOP(0, 4); break;
+        case 5: MASK_LOOP(1, 0); break;
+        case 6: MASK_LOOP(1, 1); break;
+        case 7: MASK_LOOP(1, 2); break;
+        case 8: MASK_LOOP(1, 3); break;
+        default: MASK_LOOP(1, 4); break;
+    }
+    const int32_t totals[4] = {c0, c1, c2, c3};
+    for (int t = 0; t < count; t++) counted[t] += totals[t];
+    for (int r = 0; r < ranges; r++) {
+        int32_t *at = r ? at_1 : at_0, *keys = r ? keys_1 : keys_0;
+        found[r] = absolute ? gather(n, values, 1, lo[r], hi[r], at, keys)
+                            : gather(n, values, 0, lo[r], hi[r], at, keys);
     }
 }
-#undef BRACKET_LOOP
-#undef GATHER_STEP
+#undef MASK_LOOP
 
 /* One chunk of a 2-byte sparse delta blob (sparse_delta.encode): the mask packed most
    significant bit first (the last byte padded with zeros); per kept element the wrapping

@@ -52,7 +52,8 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mb_finish_signed": (None, [_I64, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _INT]),
     "mb_bracket_block": (
         None,
-        [_I64, _PTR, _INT, _INT, ctypes.c_int32, _INT, ctypes.c_int32, _PTR, _INT, _PTR, _PTR] + [_PTR] * 5,
+        [_I64, _PTR, _INT, _INT, ctypes.c_int32, _INT, ctypes.c_int32, _PTR, _INT, _PTR, _PTR, _INT]
+        + [_PTR] * 7,
     ),
     "mb_encode_16": (_I64, [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]),
     "mb_hashes_below": (None, [_U64, _U64, _I64, _U64, _PTR]),
@@ -233,25 +234,33 @@ def finish_signed(
     )
 
 
+#: How many thresholds `bracket_block` counts at, and how many key ranges it gathers.
+MAX_THRESHOLDS, MAX_RANGES = 4, 2
+
+
 def bracket_block(
     values: np.ndarray,
     absolute: bool,
     above: int | None,
     beneath: int | None,
     mask: np.ndarray,
+    thresholds: list[int],
+    counted: np.ndarray,
     ranges: list[tuple[int, int]],
     at: list[np.ndarray],
     keys: list[np.ndarray],
-    found: np.ndarray,
-) -> None:
+) -> list[int]:
     """One block of the bracketing pass over float32 `values` (see native.c): `mask` (bool)
-    gets key > above and key < beneath; per range r, found[2r] grows by the keys >= its low
-    end, and the keys inside it (with their offsets in the block) go to keys[r] and at[r]
-    (int32, the block's size), found[2r + 1] of them."""
-    bounds = np.array([lo for lo, _ in ranges] + [hi for _, hi in ranges] or [0], dtype=np.int32)
-    count = len(ranges)
-    pointers = [a.ctypes.data for a in at] + [None] * (2 - count)
-    key_pointers = [k.ctypes.data for k in keys] + [None] * (2 - count)
+    gets key > above and key < beneath; counted[t] (int64) grows by the keys >= thresholds[t]
+    (at most `MAX_THRESHOLDS`); the keys inside each range (at most `MAX_RANGES`), with their
+    offsets in the block, go to keys[r] and at[r] (int32, the block's size). Returns how many
+    each range holds."""
+    assert len(thresholds) <= MAX_THRESHOLDS and len(ranges) <= MAX_RANGES
+    limits = np.array(thresholds or [0], dtype=np.int32)
+    bounds = np.array([lo for lo, _ in ranges] + [hi for _, hi in ranges] + [0], dtype=np.int32)
+    found = np.zeros(MAX_RANGES, dtype=np.int64)
+    pointers = [(a.ctypes.data, k.ctypes.data) for a, k in zip(at, keys, strict=True)]
+    pointers += [(None, None)] * (MAX_RANGES - len(ranges))
     _lib().mb_bracket_block(
         values.size,
         values.ctypes.data,
@@ -261,15 +270,16 @@ def bracket_block(
         int(beneath is not None),
         0 if beneath is None else beneath,
         mask.ctypes.data,
-        count,
+        len(thresholds),
+        limits.ctypes.data,
+        counted.ctypes.data,
+        len(ranges),
         bounds.ctypes.data,
-        bounds[count:].ctypes.data if count else bounds.ctypes.data,
-        pointers[0],
-        key_pointers[0],
-        pointers[1],
-        key_pointers[1],
+        bounds[len(ranges) :].ctypes.data,
+        *(pointer for pair in pointers for pointer in pair),
         found.ctypes.data,
     )
+    return [int(f) for f in found[: len(ranges)]]
 
 
 def encode_16(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import TypeVar
+from unittest import mock
 
 import pytest
 import torch
@@ -301,3 +302,26 @@ def test_della_from_a_stream_is_della_from_its_words(
         # Any other callable gives the draws as words: gathered, compared, put back.
         assert torch.equal(fused, sparsify.della(delta, lambda part: draws(part), 0.4, 0.2))
         assert fused.numel() < 100 or 0.3 < fused.float().mean() < 0.5
+
+
+@built
+@pytest.mark.parametrize("lo, hi", [(0.1, 0.97), (0.3, 0.6), (0.0, 0.95), (0.2, 1.0)])
+def test_tied_brackets_are_counted_with_the_numpy_paths_results(
+    monkeypatch: pytest.MonkeyPatch, lo: float, hi: float
+) -> None:
+    # A delta whose ranks fall in heavy ties on both sides: exact zeros (40 %) and one
+    # repeated large magnitude (5 %), as bf16 fine-tunes have.
+    monkeypatch.setattr(sparsify, "_BLOCK", 1 << 13)
+    g = torch.Generator().manual_seed(6)
+    n = 90_001
+    delta = torch.randn(n, generator=g).to(torch.bfloat16).float()
+    delta[torch.rand(n, generator=g) < 0.4] = 0.0
+    delta[torch.rand(n, generator=g) < 0.05] = -3.0
+    selects = mock.Mock(wraps=sparsify._select)
+    with mock.patch.object(sparsify, "_select", selects):
+        fast = sparsify.keep_rank_range(delta.abs(), int(lo * n), int(hi * n))
+    assert selects.call_count == 0
+    with monkeypatch.context() as m:
+        m.setattr(native, "library", lambda: None)
+        assert torch.equal(fast, sparsify.keep_rank_range(delta.abs(), int(lo * n), int(hi * n)))
+    assert int(fast.sum()) == int(hi * n) - int(lo * n)

@@ -295,6 +295,8 @@ def _bracketed_mask(
         for rank, keys_range, is_lower in ((lower_rank, lower, True), (upper_rank, upper, False))
         if rank is not None and keys_range is not None
     ]
+    if native.library() is not None:
+        return _bracketed_mask_native(keys, sample, sides, bounds_of)
     ranges = [keys_range for _, keys_range, _ in sides]
     in_sample = sum(
         np.searchsorted(sample, hi, "right") - np.searchsorted(sample, lo, "left") for lo, hi in ranges
@@ -313,36 +315,8 @@ def _bracketed_mask(
     at_least = [0] * len(ranges)
     found: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in ranges]
     gathered = 0
-    fused = native.library() is not None
-    if fused:
-        # The native kernel's outputs: per bracket, offsets in the block and keys.
-        at = [np.empty(size, dtype=np.int32) for _ in ranges]
-        inside_keys = [np.empty(size, dtype=np.int32) for _ in ranges]
-        counts = np.zeros(4, dtype=np.int64)
-    for start in range(0, n, _BLOCK):
-        if fused:
-            values = keys.values_at(start).numpy()
-            m = values.size
-            native.bracket_block(
-                values,
-                keys.absolute,
-                None if lower is None else lower[1],
-                None if upper is None else upper[0],
-                out[start : start + m],
-                ranges,
-                at,
-                inside_keys,
-                counts,
-            )
-            for j in range(len(ranges)):
-                found_here = int(counts[2 * j + 1])
-                found[j][1].append(inside_keys[j][:found_here].copy())
-                found[j][0].append(at[j][:found_here].astype(index_dtype) + index_dtype(start))
-                gathered += found_here
-            if gathered > limit:
-                return None
-            continue
-        k = keys.block_at(start).numpy()
+    for start, block in keys:
+        k = block.numpy()
         m = k.size
         dst = out[start : start + m]
         # Strictly between the brackets: kept whatever the exact bounds turn out to be.
@@ -364,8 +338,6 @@ def _bracketed_mask(
             gathered += index.size
         if gathered > limit:
             return None
-    if fused:
-        at_least = [int(counts[2 * j]) for j in range(len(ranges))]
     brackets = [
         _Bracket(n - at_least[j], np.concatenate(found[j][0]), np.concatenate(found[j][1]))
         for j in range(len(ranges))
@@ -382,6 +354,118 @@ def _bracketed_mask(
         assert bound is not None
         bracket.write(out, bound, is_lower)
     return mask
+
+
+#: One bracket: its rank, its key range (inclusive), and whether it is the lower bound's.
+_Side = tuple[int, tuple[int, int], bool]
+
+
+def _bracketed_mask_native(
+    keys: _Keys, sample: np.ndarray, sides: list[_Side], bounds_of: BoundsOf
+) -> torch.Tensor | None:
+    """`_bracketed_mask` by the native kernel, which also counts ties: a bracket that the sample
+    puts on one key (bf16 deltas tie by the million, most of all at 0) is counted, not
+    gathered. Its ties are written kept, and only the blocks holding ties the bound drops
+    are made again, to clear them (as `_tied_mask` does)."""
+    n = keys.n
+    tied = [lo == hi for _, (lo, hi), _ in sides]
+    in_sample = sum(
+        np.searchsorted(sample, hi, "right") - np.searchsorted(sample, lo, "left")
+        for (_, (lo, hi), _), is_tied in zip(sides, tied, strict=True)
+        if not is_tied
+    )
+    if in_sample > _MAX_BRACKET_SHARE * sample.size:
+        if len(sides) == 1 and sides[0][2]:
+            rank = sides[0][0]
+            key = int(sample[min(sample.size - 1, (rank * sample.size) // n)])
+            return _tied_mask(keys, rank, key, bounds_of)
+        return None
+    # What the kernel counts and gathers: for a tied key K, the keys >= K and >= K + 1; for a
+    # bracket, the keys >= its low end, and its keys. Per side, its first threshold and its
+    # range (-1: none).
+    thresholds: list[int] = []
+    ranges: list[tuple[int, int]] = []
+    first: list[tuple[int, int]] = []
+    above = beneath = None
+    for (_, (lo, hi), is_lower), is_tied in zip(sides, tied, strict=True):
+        first.append((len(thresholds), -1 if is_tied else len(ranges)))
+        thresholds += [lo, lo + 1] if is_tied else [lo]
+        if not is_tied:
+            ranges.append((lo, hi))
+        # Strictly beyond the bracket (or from the tie on): kept whatever the bounds are.
+        if is_lower:
+            above = lo - 1 if is_tied else hi
+        else:
+            beneath = lo + 1 if is_tied else lo
+    size = keys.buf.numel()
+    at = [np.empty(size, dtype=np.int32) for _ in ranges]
+    inside_keys = [np.empty(size, dtype=np.int32) for _ in ranges]
+    counted = np.zeros(len(thresholds), dtype=np.int64)
+    limit = _MAX_BRACKET_SHARE * n + sample.size
+    index_dtype = np.int32 if n <= _INT32.max else np.int64  # half the gathered bytes
+    mask = torch.empty(n, dtype=torch.bool)
+    out = mask.numpy()
+    found: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in ranges]
+    gathered = 0
+    counted_by_block = []  # per block, the running counts
+    for start in range(0, n, _BLOCK):
+        values = keys.values_at(start).numpy()
+        dst = out[start : start + values.size]
+        sizes = native.bracket_block(
+            values, keys.absolute, above, beneath, dst, thresholds, counted, ranges, at, inside_keys
+        )
+        counted_by_block.append(counted.copy())
+        for r, found_here in enumerate(sizes):
+            found[r][1].append(inside_keys[r][:found_here].copy())
+            found[r][0].append(at[r][:found_here].astype(index_dtype) + index_dtype(start))
+            gathered += found_here
+        if gathered > limit:
+            return None
+    stats: dict[bool, _OrderStat] = {}
+    brackets: dict[bool, _Bracket] = {}
+    for (rank, (lo, _), is_lower), (t, r) in zip(sides, first, strict=True):
+        if r < 0:
+            at_key, above_key = int(counted[t]), int(counted[t + 1])
+            below, equal = n - at_key, at_key - above_key
+            stat = _OrderStat(lo, below, equal) if below <= rank < below + equal else None
+        else:
+            indices, bracket_keys = (np.concatenate(parts) for parts in found[r])
+            brackets[is_lower] = _Bracket(n - int(counted[t]), indices, bracket_keys)
+            stat = brackets[is_lower].order_stat(rank)
+        if stat is None:
+            return None
+        stats[is_lower] = stat
+    bounds = dict(zip((True, False), bounds_of(stats.get(True), stats.get(False)), strict=True))
+    for (_, _, is_lower), (t, r) in zip(sides, first, strict=True):
+        bound = bounds[is_lower]
+        assert bound is not None
+        if r >= 0:
+            brackets[is_lower].write(out, bound, is_lower)
+            continue
+        # Per block, the keys equal to the tied key: those >= K less those >= K + 1.
+        running = np.array([block[t] - block[t + 1] for block in counted_by_block])
+        _clear_ties(keys, out, bound, stats[is_lower].equal, [int(c) for c in np.diff(running, prepend=0)])
+    return mask
+
+
+def _clear_ties(keys: _Keys, out: np.ndarray, bound: _Bound, equal: int, tied: list[int]) -> None:
+    """Clear the mask bits of the keys equal to `bound.key` that the bound drops, all of them
+    written kept; `tied[b]` of the `equal` ties are in block b. Tie t (in flat-index order)
+    gets `tied_in` if t < flip_after (or flip_after is 0), else the opposite: only the blocks
+    holding ties to clear are made again."""
+    if bound.tied_in:
+        first, last = (bound.flip_after, equal) if bound.flip_after else (equal, equal)
+    else:
+        first, last = 0, bound.flip_after or equal
+    eq = np.empty(keys.buf.numel(), dtype=bool)
+    seen = 0
+    for b, count in enumerate(tied):
+        if seen + count > first and seen < last and count:
+            start = b * _BLOCK
+            k = keys.block_at(start).numpy()
+            at = np.flatnonzero(np.equal(k, bound.key, out=eq[: k.size]))
+            out[start + at[max(first - seen, 0) : last - seen]] = False
+        seen += count
 
 
 def _tied_mask(keys: _Keys, rank: int, key: int, bounds_of: BoundsOf) -> torch.Tensor | None:
@@ -410,20 +494,7 @@ def _tied_mask(keys: _Keys, rank: int, key: int, bounds_of: BoundsOf) -> torch.T
         return None
     bound, _ = bounds_of(_OrderStat(key, below, equal), None)
     assert bound is not None
-    # Tie t (in flat-index order) gets `tied_in` if t < flip_after (or flip_after is 0),
-    # else the opposite. Every tie was written kept: clear ties [first, last).
-    if bound.tied_in:
-        first, last = (bound.flip_after, equal) if bound.flip_after else (equal, equal)
-    else:
-        first, last = 0, bound.flip_after or equal
-    seen = 0
-    for b, count in enumerate(tied):
-        if seen + count > first and seen < last and count:
-            start = b * _BLOCK
-            k = keys.block_at(start).numpy()
-            at = np.flatnonzero(np.equal(k, key, out=eq[: k.size]))
-            out[start + at[max(first - seen, 0) : last - seen]] = False
-        seen += count
+    _clear_ties(keys, out, bound, equal, tied)
     return mask
 
 

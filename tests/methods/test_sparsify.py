@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergebuild import rng
+from mergebuild import native, rng
 from mergebuild.catalog import BlockGrid
 from mergebuild.methods import delta_stats, fixed_point, sparsify
 from mergebuild.methods.delta_stats import DeltaStats, block_stats
@@ -470,7 +470,8 @@ def test_a_heavy_tie_at_the_threshold_is_resolved_from_the_tie_counts(density: f
     tied = mock.Mock(wraps=sparsify._tied_mask)
     with mock.patch.object(sparsify, "_select", selects), mock.patch.object(sparsify, "_tied_mask", tied):
         assert torch.equal(sparsify.magnitude(delta, density), reference_magnitude(delta, density))
-    assert selects.call_count == 0 and tied.call_count == 1
+    # The native kernel counts a tie the sample puts on one key in its own pass.
+    assert selects.call_count == 0 and tied.call_count == (0 if native.library() is not None else 1)
 
 
 @pytest.mark.parametrize("lo", [0.2, 0.5, 0.69])
