@@ -321,22 +321,29 @@ i64 mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict ex
 }
 
 /* The 64-bit hash of flat index `index` of a random stream (rng._hashed_blocks): SplitMix64's
-   finalizer over key + index * golden ratio, all mod 2^64. */
-static inline __attribute__((always_inline)) uint64_t stream_hash(uint64_t key, uint64_t index) {
-    uint64_t x = key + index * 0x9E3779B97F4A7C15ULL;
+   finalizer (`finalized`) over key + index * golden ratio, all mod 2^64. */
+#define GOLDEN 0x9E3779B97F4A7C15ULL
+
+static inline __attribute__((always_inline)) uint64_t finalized(uint64_t x) {
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
     return x ^ (x >> 31);
 }
 
+static inline __attribute__((always_inline)) uint64_t stream_hash(uint64_t key, uint64_t index) {
+    return finalized(key + index * GOLDEN);
+}
+
 /* out[j] = hash of index start + j is below `bound` (rng.keep_mask). */
 void mb_hashes_below(uint64_t key, uint64_t start, i64 n, uint64_t bound, uint8_t *restrict out) {
-    for (i64 j = 0; j < n; j++) out[j] = stream_hash(key, start + (uint64_t)j) < bound;
+    uint64_t x = key + start * GOLDEN; /* index * golden grows by one addition per element */
+    for (i64 j = 0; j < n; j++, x += GOLDEN) out[j] = finalized(x) < bound;
 }
 
 /* out[j] = hash of index start + j with its top bit flipped, as an int64 (rng.uniform_words). */
 void mb_hash_words(uint64_t key, uint64_t start, i64 n, uint64_t *restrict out) {
-    for (i64 j = 0; j < n; j++) out[j] = stream_hash(key, start + (uint64_t)j) ^ 0x8000000000000000ULL;
+    uint64_t x = key + start * GOLDEN;
+    for (i64 j = 0; j < n; j++, x += GOLDEN) out[j] = finalized(x) ^ 0x8000000000000000ULL;
 }
 
 /* The integer sums behind fixed_point.masked_sums, of all of `values` (non-negative float32)
@@ -380,16 +387,30 @@ void mb_della_keys(i64 n, const void *a, int ka, const void *b, int kb, int shif
 /* della's mask of a slice of `rows` rows of `length` elements, from each row's keys sorted
    (mb_della_keys): the element of ascending rank r in its row, at flat index j of the slice
    (the keys' low `shift` bits), is kept iff its draw's word (rng.uniform_words: the hash of
-   index first + j of stream `key`, top bit flipped, as an int64) is below bounds[r]. */
+   index first + j of stream `key`, top bit flipped, as an int64) is below bounds[r]. A row's
+   words are hashed in index order first, into a buffer that stays in the L1 cache (the
+   index times the golden ratio then grows by one addition per element). */
 void mb_della_keep(i64 rows, i64 length, const int64_t *restrict sorted, int shift, uint64_t key,
                    uint64_t first, const int64_t *restrict bounds, uint8_t *restrict out) {
+    enum { PIECE = 2048 };
+    int64_t words[PIECE];
     const int64_t low = ((int64_t)1 << shift) - 1;
     for (i64 row = 0; row < rows; row++) {
         const int64_t *keys = sorted + row * length;
+        const i64 row_start = row * length;
+        if (length > PIECE) {
+            for (i64 r = 0; r < length; r++) {
+                int64_t j = keys[r] & low;
+                int64_t word = (int64_t)(stream_hash(key, first + (uint64_t)j) ^ 0x8000000000000000ULL);
+                out[j] = word < bounds[r];
+            }
+            continue;
+        }
+        uint64_t x = key + (first + (uint64_t)row_start) * GOLDEN;
+        for (i64 k = 0; k < length; k++, x += GOLDEN) words[k] = (int64_t)(finalized(x) ^ 0x8000000000000000ULL);
         for (i64 r = 0; r < length; r++) {
             int64_t j = keys[r] & low;
-            int64_t word = (int64_t)(stream_hash(key, first + (uint64_t)j) ^ 0x8000000000000000ULL);
-            out[j] = word < bounds[r];
+            out[j] = words[j - row_start] < bounds[r];
         }
     }
 }
