@@ -77,9 +77,9 @@ def library() -> ctypes.CDLL | None:
         return None
     source = _SOURCE.read_bytes()
     tag = xxhash.xxh3_64_hexdigest(source + repr((compiler, _FLAGS, platform.machine())).encode())
-    directory = Path(
-        os.environ.get("MERGEBUILD_NATIVE_DIR") or Path.home() / ".cache" / "mergebuild" / "native"
-    )
+    directory = _library_dir()
+    if directory is None:
+        return None
     path = directory / f"kernels-{tag}.so"
     if not path.exists():
         try:
@@ -97,11 +97,24 @@ def library() -> ctypes.CDLL | None:
                 built.replace(path)
         except (OSError, subprocess.SubprocessError):
             return None
-    lib = ctypes.CDLL(str(path))  # a CDLL call releases the GIL while the kernel runs
+    try:
+        lib = ctypes.CDLL(str(path))  # a CDLL call releases the GIL while the kernel runs
+    except OSError:
+        return None
     for name, (restype, argtypes) in _SIGNATURES.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes
     return lib
+
+
+def _library_dir() -> Path | None:
+    """Where compiled libraries are kept; None when there is no home directory to keep them in."""
+    if os.environ.get("MERGEBUILD_NATIVE_DIR"):
+        return Path(os.environ["MERGEBUILD_NATIVE_DIR"])
+    try:
+        return Path.home() / ".cache" / "mergebuild" / "native"
+    except RuntimeError:
+        return None
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:

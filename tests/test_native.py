@@ -247,6 +247,31 @@ def test_the_library_is_compiled_once_and_reused(
 
 
 @built
+def test_a_library_that_does_not_load_means_no_kernels(
+    fresh_library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unloadable(path: str) -> None:
+        raise OSError(f"{path}: invalid ELF header")
+
+    # (Not a file overwritten: a library this process has loaded must not change under it.)
+    monkeypatch.setattr(native.ctypes, "CDLL", unloadable)
+    assert native.library() is None
+    assert [p.suffix for p in fresh_library.iterdir()] == [".so"]  # compiled, then refused
+
+
+def test_without_a_home_directory_there_are_no_kernels(
+    fresh_library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MERGEBUILD_NATIVE_DIR")
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native.Path, "home", staticmethod(no_home))
+    assert native.library() is None
+
+
+@built
 def test_tensors_the_kernels_do_not_take() -> None:
     assert native.usable(
         torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bool), None
