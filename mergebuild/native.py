@@ -150,6 +150,26 @@ def difference(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Ten
     return out
 
 
+def _kept_delta(
+    expert: torch.Tensor,
+    base: torch.Tensor,
+    mask: torch.Tensor,
+    factor: torch.Tensor | None,
+    weight: torch.Tensor,
+) -> tuple[int, int, int, int, int, int | None, float]:
+    """The fold kernels' arguments that give a model's weighted kept delta."""
+    kinds = _KINDS[expert.dtype], _KINDS[base.dtype]
+    return (
+        expert.data_ptr(),
+        kinds[0],
+        base.data_ptr(),
+        kinds[1],
+        mask.data_ptr(),
+        _ptr(factor),
+        float(weight),
+    )
+
+
 def fold_total(
     expert: torch.Tensor,
     base: torch.Tensor,
@@ -163,13 +183,7 @@ def fold_total(
     set to that plus 0); `factor` and `weight` are float32 0-d."""
     _lib().mb_fold_total(
         total.numel(),
-        expert.data_ptr(),
-        _KINDS[expert.dtype],
-        base.data_ptr(),
-        _KINDS[base.dtype],
-        mask.data_ptr(),
-        _ptr(factor),
-        float(weight),
+        *_kept_delta(expert, base, mask, factor, weight),
         total.data_ptr(),
         int(first),
     )
@@ -193,13 +207,7 @@ def fold_signed(
     pos_bits, neg_bits = bit_sets if bit_sets is not None else (None, None)
     _lib().mb_fold_signed(
         pos.numel(),
-        expert.data_ptr(),
-        _KINDS[expert.dtype],
-        base.data_ptr(),
-        _KINDS[base.dtype],
-        mask.data_ptr(),
-        _ptr(factor),
-        float(weight),
+        *_kept_delta(expert, base, mask, factor, weight),
         pos.data_ptr(),
         neg.data_ptr(),
         int(first),
