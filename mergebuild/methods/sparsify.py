@@ -303,8 +303,7 @@ def _bracketed_mask(
     )
     if in_sample > _MAX_BRACKET_SHARE * sample.size:
         if lower_rank is not None and upper_rank is None:
-            key = int(sample[min(sample.size - 1, (lower_rank * sample.size) // n)])
-            return _tied_mask(keys, lower_rank, key, bounds_of)
+            return _tied_mask(keys, lower_rank, sample, bounds_of)
         return None
     limit = _MAX_BRACKET_SHARE * n + sample.size
     index_dtype = np.int32 if n <= _INT32.max else np.int64  # half the gathered bytes
@@ -376,9 +375,7 @@ def _bracketed_mask_native(
     )
     if in_sample > _MAX_BRACKET_SHARE * sample.size:
         if len(sides) == 1 and sides[0][2]:
-            rank = sides[0][0]
-            key = int(sample[min(sample.size - 1, (rank * sample.size) // n)])
-            return _tied_mask(keys, rank, key, bounds_of)
+            return _tied_mask(keys, sides[0][0], sample, bounds_of)
         return None
     # What the kernel counts and gathers: for a tied key K, the keys >= K and >= K + 1; for a
     # bracket, the keys >= its low end, and its keys. Per side, its first threshold and its
@@ -468,10 +465,10 @@ def _clear_ties(keys: _Keys, out: np.ndarray, bound: _Bound, equal: int, tied: l
         seen += count
 
 
-def _tied_mask(keys: _Keys, rank: int, key: int, bounds_of: BoundsOf) -> torch.Tensor | None:
-    """`_rank_bounded_mask` of a lower rank alone that the sample puts in a heavy tie at
-    `key` (too many elements to gather), or None when `rank` is not among the keys equal
-    to `key`.
+def _tied_mask(keys: _Keys, rank: int, sample: np.ndarray, bounds_of: BoundsOf) -> torch.Tensor | None:
+    """`_rank_bounded_mask` of a lower rank alone that the (sorted) sample puts in a heavy tie at
+    its key of that rank (too many elements to gather), or None when `rank` is not among the
+    keys equal to that key.
 
     One pass writes `keys >= key` and counts, per block, the keys equal to `key`; the
     order statistic is then known. The bound keeps or drops tied elements by their order
@@ -479,6 +476,7 @@ def _tied_mask(keys: _Keys, rank: int, key: int, bounds_of: BoundsOf) -> torch.T
     them. Two passes at most, against the radix select's three.
     """
     n = keys.n
+    key = int(sample[min(sample.size - 1, (rank * sample.size) // n)])
     mask = torch.empty(n, dtype=torch.bool)
     out = mask.numpy()
     eq = np.empty(keys.buf.numel(), dtype=bool)
