@@ -414,3 +414,129 @@ void mb_della_keep(i64 rows, i64 length, const int64_t *restrict sorted, int shi
         }
     }
 }
+
+/* della's mask without sorting the row, where its magnitudes repeat. The deltas of 16-bit
+   models hold a few dozen to a few hundred distinct magnitudes in a row of thousands, so
+   each distinct key is counted in a hash table (with the number of its elements before
+   each element, in position order), the distinct keys alone are sorted, and each element's
+   rank is where its key starts plus the count before it: the rank the sort by (key,
+   position) gives. A row of more distinct keys than a DELLA_DISTINCT_SHARE of its length (or
+   than DELLA_MAX_DISTINCT) is left to the sort (mb_della_keys, mb_della_keep), which is then
+   the cheaper. */
+enum { DELLA_DISTINCT_SHARE = 4, DELLA_MIN_DISTINCT = 16, DELLA_MAX_DISTINCT = 1 << 14 };
+
+/* The most distinct keys mb_della_mask takes in a row of `length`, and the slots of its table
+   (a power of two, at least twice as many). */
+static i64 della_distinct_cap(i64 length) {
+    i64 cap = length / DELLA_DISTINCT_SHARE;
+    return cap < DELLA_MIN_DISTINCT ? DELLA_MIN_DISTINCT : cap > DELLA_MAX_DISTINCT ? DELLA_MAX_DISTINCT : cap;
+}
+
+i64 mb_della_table_size(i64 length) {
+    i64 size = 16;
+    while (size < 2 * (della_distinct_cap(length) + 2)) size *= 2;
+    return size;
+}
+
+/* Sorts items[0..count) by their high 32 bits (non-negative keys, each once): an LSD radix sort
+   by bytes, skipping the bytes every key shares. */
+static void sort_by_key(int64_t *restrict items, int64_t *restrict spare, i64 count) {
+    uint32_t any = 0, all = 0xFFFFFFFFu;
+    for (i64 i = 0; i < count; i++) {
+        uint32_t k = (uint32_t)(items[i] >> 32);
+        any |= k;
+        all &= k;
+    }
+    int64_t *from = items, *to = spare;
+    for (int shift = 32; shift < 64; shift += 8) {
+        if ((((any ^ all) >> (shift - 32)) & 255) == 0) continue;
+        int32_t at[256] = {0};
+        for (i64 i = 0; i < count; i++) at[(from[i] >> shift) & 255]++;
+        int32_t total = 0;
+        for (int v = 0; v < 256; v++) {
+            int32_t here = at[v];
+            at[v] = total;
+            total += here;
+        }
+        for (i64 i = 0; i < count; i++) to[at[(from[i] >> shift) & 255]++] = from[i];
+        int64_t *swap = from;
+        from = to;
+        to = swap;
+    }
+    if (from != items) memcpy(items, from, sizeof *items * (size_t)count);
+}
+
+/* della's mask (see mb_della_keep) of the rows of a slice of `rows` rows of `length` elements of
+   |a - b| (of |a| when b is NULL) into `out`, the element at flat index j of the slice with the
+   draw of index first + j of stream `key`; returns how many rows it did, in order, stopping at
+   the first of too many distinct magnitudes. Working space: keys, slot and place (int32), words
+   and distinct and spare (int64), `length` each; table (int32) of mb_della_table_size(length),
+   tally (int32) of four times that. */
+i64 mb_della_mask(i64 rows, i64 length, const void *a, int ka, const void *b, int kb, uint64_t key,
+                  uint64_t first, const int64_t *restrict bounds, int32_t *restrict keys, int32_t *restrict slot,
+                  int32_t *restrict place, int64_t *restrict words, int64_t *restrict distinct,
+                  int64_t *restrict spare, int32_t *restrict table, int32_t *restrict tally, uint8_t *restrict out) {
+    const i64 cap = della_distinct_cap(length), size = mb_della_table_size(length);
+    int bits = 0;
+    while (((i64)1 << bits) < size) bits++;
+    /* Per slot: its elements in each half of the row, then where each half's start in rank. */
+    int32_t *count0 = tally, *count1 = tally + size, *start0 = tally + 2 * size, *start1 = tally + 3 * size;
+    for (i64 h = 0; h < size; h++) table[h] = -1; /* keys are non-negative */
+    memset(tally, 0, sizeof *tally * (size_t)size * 2);
+    /* The halves are counted side by side: two chains of updates to a repeated key's count. */
+    const i64 half = (length + 1) / 2;
+    for (i64 row = 0; row < rows; row++) {
+        const i64 offset = row * length;
+#define DELLA_ROW_KEYS(KA, KB)                                                                       \
+    for (i64 j = 0; j < length; j++) {                                                               \
+        float x = b ? load(a, KA, offset + j) - load(b, KB, offset + j) : load(a, KA, offset + j); \
+        keys[j] = bits_of(x) & 0x7FFFFFFF;                                                            \
+    }
+        BY_KINDS(ka, kb, DELLA_ROW_KEYS)
+#undef DELLA_ROW_KEYS
+        i64 found = 0;
+#define DELLA_COUNT(J, COUNTS)                                             \
+    {                                                                      \
+        int32_t k = keys[J];                                               \
+        uint32_t h = ((uint32_t)k * 0x9E3779B1u) >> (32 - bits);           \
+        while (table[h] != k) {                                            \
+            if (table[h] < 0) {                                            \
+                table[h] = k;                                              \
+                distinct[found++] = ((int64_t)k << 32) | h;                \
+                break;                                                     \
+            }                                                              \
+            h = (h + 1) & (uint32_t)(size - 1);                            \
+        }                                                                  \
+        slot[J] = (int32_t)h;                                              \
+        place[J] = COUNTS[h]++;                                            \
+    }
+        for (i64 j = 0; j + half < length && found <= cap; j++) {
+            DELLA_COUNT(j, count0)
+            DELLA_COUNT(j + half, count1)
+        }
+        if ((length & 1) && found <= cap) DELLA_COUNT(half - 1, count0)
+#undef DELLA_COUNT
+        const int whole = found <= cap;
+        if (whole) {
+            sort_by_key(distinct, spare, found);
+            int32_t rank = 0;
+            for (i64 d = 0; d < found; d++) {
+                int32_t h = (int32_t)(distinct[d] & 0xFFFFFFFF);
+                start0[h] = rank;
+                start1[h] = rank + count0[h];
+                rank += count0[h] + count1[h];
+            }
+            uint64_t x = key + (first + (uint64_t)offset) * GOLDEN;
+            for (i64 j = 0; j < length; j++, x += GOLDEN) words[j] = (int64_t)(finalized(x) ^ 0x8000000000000000ULL);
+            for (i64 j = 0; j < half; j++) out[offset + j] = words[j] < bounds[start0[slot[j]] + place[j]];
+            for (i64 j = half; j < length; j++) out[offset + j] = words[j] < bounds[start1[slot[j]] + place[j]];
+        }
+        for (i64 d = 0; d < found; d++) {
+            int32_t h = (int32_t)(distinct[d] & 0xFFFFFFFF);
+            table[h] = -1;
+            count0[h] = count1[h] = 0;
+        }
+        if (!whole) return row;
+    }
+    return rows;
+}

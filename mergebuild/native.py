@@ -61,6 +61,8 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mb_masked_sums": (None, [_I64, _PTR, _PTR, _PTR, _INT, _PTR]),
     "mb_della_keys": (None, [_I64, _PTR, _INT, _PTR, _INT, _INT, _PTR]),
     "mb_della_keep": (None, [_I64, _I64, _PTR, _INT, _U64, _U64, _PTR, _PTR]),
+    "mb_della_table_size": (_I64, [_I64]),
+    "mb_della_mask": (_I64, [_I64, _I64, _PTR, _INT, _PTR, _INT, _U64, _U64] + [_PTR] * 10),
 }
 #: How many scales `masked_sums` takes.
 MAX_SCALES = 4
@@ -369,4 +371,38 @@ def della_keep(
     rows, length = sorted_keys.shape
     _lib().mb_della_keep(
         rows, length, sorted_keys.ctypes.data, shift, key, first, bounds.ctypes.data, out.ctypes.data
+    )
+
+
+def della_mask(
+    values: torch.Tensor,
+    base: torch.Tensor | None,
+    length: int,
+    key: int,
+    first: int,
+    bounds: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """della's mask of whole rows of `length` elements of |values - base| (of |values| without a
+    base; both flat) into `out` (bool, flat, their size), as `della_keep` makes it from the sorted
+    `della_keys`, without the sort; returns how many rows (from the first) it did: it stops at a
+    row of too many distinct magnitudes, whose sort is the cheaper."""
+    lib = _lib()
+    keys, slot, place = (np.empty(length, dtype=np.int32) for _ in range(3))
+    words, distinct, spare = (np.empty(length, dtype=np.int64) for _ in range(3))
+    size = lib.mb_della_table_size(length)
+    table, tally = np.empty(size, dtype=np.int32), np.empty(4 * size, dtype=np.int32)
+    buffers = (keys, slot, place, words, distinct, spare, table, tally)
+    return lib.mb_della_mask(
+        values.numel() // length,
+        length,
+        values.data_ptr(),
+        _KINDS[values.dtype],
+        _ptr(base),
+        _KINDS[base.dtype] if base is not None else 0,
+        key,
+        first,
+        bounds.ctypes.data,
+        *(buffer.ctypes.data for buffer in buffers),
+        out.ctypes.data,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -327,6 +328,114 @@ def test_della_from_a_stream_is_della_from_its_words(
         # Any other callable gives the draws as words: gathered, compared, put back.
         assert torch.equal(fused, sparsify.della(delta, lambda part: draws(part), 0.4, 0.2))
         assert fused.numel() < 100 or 0.3 < fused.float().mean() < 0.5
+
+
+def repeated_magnitudes(rows: int, length: int, distinct: int, g: torch.Generator) -> torch.Tensor:
+    """A (rows, length) delta of at most `distinct` (at most 32) magnitudes per row, multiples
+    of 2^-8 (a third of the elements zeros, signs random), as a 16-bit fine-tune's deltas have
+    a few dozen to a few hundred."""
+    levels = torch.cat([torch.zeros(1), (torch.randperm(31, generator=g)[: distinct - 1] + 1) * 2.0**-8])
+    picks = torch.randint(0, levels.numel(), (rows, length), generator=g)
+    picks[torch.rand(rows, length, generator=g) < 0.33] = 0
+    signs = torch.where(torch.rand(rows, length, generator=g) < 0.5, -1.0, 1.0)
+    return levels[picks] * signs
+
+
+def coarse_base(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Base weights in {0, +-1/4, +-1/2}: plus a `repeated_magnitudes` delta, exact in every dtype,
+    so that the expert minus the base is the delta."""
+    return torch.tensor([-0.5, -0.25, 0.0, 0.25, 0.5])[torch.randint(0, 5, shape, generator=g)]
+
+
+@built
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 1001])
+def test_della_ranks_repeated_magnitudes_by_counting_as_the_sort_does(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, length: int
+) -> None:
+    monkeypatch.setattr(sparsify, "_BLOCK", 1 << 12)  # many slices of rows
+    g = torch.Generator().manual_seed(7)
+    delta = repeated_magnitudes(40, length, min(32, max(2, length // 8)), g)
+    base = coarse_base((40, length), g).to(dtype)
+    expert = (base.float() + delta).to(dtype)
+    assert torch.equal(expert.float() - base.float(), delta)
+    draws = rng.Draws(rng.stream_key(2, b"digest", "w"), first=99)
+    asked, done = [], []
+
+    def della_mask(*args: object) -> int:
+        asked.append(args[0].numel() // length)  # type: ignore[attr-defined]
+        done.append(counted(*args))
+        return done[-1]
+
+    counted = native.della_mask
+    sorted_rows = mock.Mock(wraps=sparsify._della_rows_sorted)
+    monkeypatch.setattr(native, "della_mask", della_mask)
+    monkeypatch.setattr(sparsify, "_della_rows_sorted", sorted_rows)
+    for values in (Difference(expert, base), delta.to(dtype)):
+        fused = sparsify.della(values, draws, 0.5, 0.3)
+        assert torch.equal(fused, sparsify.della(values, lambda part: draws(part), 0.5, 0.3))
+    # Every row was counted, none sorted.
+    assert asked and done == asked and sorted_rows.call_count == 0
+
+
+@built
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_della_sorts_the_rows_of_many_magnitudes_between_counted_ones(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(8)
+    length = 256
+    delta = repeated_magnitudes(200, length, 20, g)
+    # Runs of rows of all-distinct magnitudes: one row, then 3, then 60 (more than a sorted run).
+    for first, count in ((5, 1), (30, 3), (100, 60)):
+        delta[first : first + count] = torch.randn(count, length, generator=g) * 1e-3
+    values = delta.to(dtype)
+    draws = rng.Draws(rng.stream_key(3, b"digest", "w"), first=7)
+    sorted_rows = mock.Mock(wraps=sparsify._della_rows_sorted)
+    monkeypatch.setattr(sparsify, "_della_rows_sorted", sorted_rows)
+    fused = sparsify.della(values, draws, 0.4, 0.2)
+    assert torch.equal(fused, sparsify.della(values, lambda part: draws(part), 0.4, 0.2))
+    # Each run is sorted from its first row, in runs doubling from `_SORTED_RUN` rows; after a
+    # run the counting takes the next row again.
+    runs = [
+        (call.args[2].start // length, call.args[2].stop // length) for call in sorted_rows.call_args_list
+    ]
+    assert runs == [(5, 21), (30, 46), (100, 116), (116, 148), (148, 200)]
+
+
+@built
+@pytest.mark.parametrize(
+    "magnitudes", [(0.5, 1.0), (1.0, 2.0), (1.0, 1.0 + 2.0**-16), (1.0, 1.0 + 2.0**-23), (0.0, 1e-45)]
+)
+def test_della_counting_orders_magnitudes_that_differ_in_one_bit(
+    monkeypatch: pytest.MonkeyPatch, magnitudes: tuple[float, float]
+) -> None:
+    # Keys differing in the top bit of one byte alone, in the low bit, in the exponent.
+    g = torch.Generator().manual_seed(10)
+    picks = torch.randint(0, 3, (30, 101), generator=g)
+    delta = torch.tensor([0.0, *magnitudes])[picks] * torch.where(
+        torch.rand(30, 101, generator=g) < 0.5, -1.0, 1.0
+    )
+    draws = rng.Draws(rng.stream_key(4, b"digest", "w"), first=0)
+    sorted_rows = mock.Mock(wraps=sparsify._della_rows_sorted)
+    monkeypatch.setattr(sparsify, "_della_rows_sorted", sorted_rows)
+    fused = sparsify.della(delta, draws, 0.5, 0.45)
+    assert torch.equal(fused, sparsify.della(delta, lambda part: draws(part), 0.5, 0.45))
+    assert sorted_rows.call_count == 0
+
+
+@built
+def test_della_mask_stops_at_the_first_row_of_too_many_magnitudes() -> None:
+    g = torch.Generator().manual_seed(9)
+    length = 400
+    delta = repeated_magnitudes(6, length, 30, g)
+    delta[4] = torch.randn(length, generator=g)  # 400 distinct magnitudes: over a quarter of the row
+    flat = delta.reshape(-1)
+    bounds = sparsify._della_bounds(length, 0.5, 0.2, torch.device("cpu")).numpy()
+    out = np.zeros(flat.numel(), dtype=np.bool_)
+    assert native.della_mask(flat, None, length, 11, 0, bounds, out) == 4
+    assert not out[4 * length :].any()
+    assert native.della_mask(flat[5 * length :], None, length, 11, 5 * length, bounds, out[5 * length :]) == 1
 
 
 @built

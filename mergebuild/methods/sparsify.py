@@ -673,9 +673,9 @@ def della(
     at a time, from several threads at once) is below its probability: when its
     word is below the probability's bound (`rng.word_bounds`), one bound per rank.
     Draws from a stream (`rng.Draws`) of a 2-D (or 1-D) tensor on the host go to the
-    native kernels where they are built: they make the sort keys, and after numpy's
-    sort, hash each element's draw as they meet it in rank order, so no words are
-    made, gathered or put back.
+    native kernels where they are built, which hash each element's draw themselves, so
+    no words are made, gathered or put back: a row of repeated magnitudes is ranked by
+    counting its distinct ones, any other sorted (`_della_rows_fused`).
     """
     shape = tuple(delta.shape) if len(delta.shape) >= 2 else (1, delta.numel())
     keep = torch.empty(shape, dtype=torch.bool, device=delta.device)
@@ -698,8 +698,7 @@ def della(
         rows_shape = (stop - start, *shape[1:])
         if fused:
             assert operands is not None and isinstance(words, rng.Draws)
-            with scratch.held() as buffers:
-                _della_rows_fused(operands, part, shape[1], words, bounds, keep[start:stop], buffers)
+            _della_rows_fused(operands, part, shape[1], words, bounds, keep[start:stop])
             return
         row_words = words(part).to(delta.device).reshape(rows_shape)
         if not on_host:
@@ -802,22 +801,63 @@ def _della_rows_fused(
     draws: rng.Draws,
     bounds: torch.Tensor,
     out: torch.Tensor,
-    buffers: _DellaBuffers,
 ) -> None:
-    """`_della_rows` of flat elements `part` (whole rows of `length`) by the native kernels: the
-    sort keys (as `_stable_order` makes them), numpy's sort of each row, then each element's
-    draw hashed and compared with its rank's bound, into `out` (bool, contiguous)."""
+    """`_della_rows` of flat elements `part` (whole rows of `length`) by the native kernels, into
+    `out` (bool, contiguous). Rows of repeated magnitudes (16-bit models' deltas) are ranked
+    by counting their distinct keys (`native.della_mask`); a run of rows from one that has too
+    many is sorted (`_della_rows_sorted`) and the counting tried again after it; runs with no
+    row counted between them double, as a float32 delta's rows all have too many."""
     values, base = operands
+    flat_out, bound_words = out.numpy().reshape(-1), bounds.numpy()
+    row, run_rows = 0, _SORTED_RUN
+    rows = (part.stop - part.start) // length
+    while row < rows:
+        start = part.start + row * length
+        rest = slice(start, part.stop)
+        counted = native.della_mask(
+            values[rest],
+            None if base is None else base[rest],
+            length,
+            draws.key,
+            draws.first + start,
+            bound_words,
+            flat_out[row * length :],
+        )
+        row += counted
+        run_rows = run_rows if counted == 0 else _SORTED_RUN
+        if row < rows:
+            run = slice(row * length, min(row + run_rows, rows) * length)
+            _della_rows_sorted(operands, part.start, run, length, draws, bound_words, flat_out[run])
+            row, run_rows = run.stop // length, 2 * run_rows
+
+
+#: The rows `_della_rows_fused` sorts first from one of many distinct magnitudes.
+_SORTED_RUN = 16
+
+
+def _della_rows_sorted(
+    operands: tuple[torch.Tensor, torch.Tensor | None],
+    origin: int,
+    run: slice,
+    length: int,
+    draws: rng.Draws,
+    bounds: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """della's mask of flat elements `run` (whole rows of `length`, from flat element `origin`
+    of the operands) into `out` (bool, flat, their size) by the native kernels: the sort keys
+    (as `_stable_order` makes them), numpy's sort of each row, then each element's draw hashed
+    and compared with its rank's bound."""
+    values, base = operands
+    part = slice(origin + run.start, origin + run.stop)
     n = part.stop - part.start
     shift = max(1, (n - 1).bit_length())
     assert shift <= 32, "a 31-bit key and the index fit an int64"
-    keys = buffers.order[:n].numpy()
+    keys = np.empty(n, dtype=np.int64)
     native.della_keys(values[part], None if base is None else base[part], shift, keys)
     ordered = keys.reshape(-1, length)
     ordered.sort(axis=-1)
-    native.della_keep(
-        ordered, shift, draws.key, draws.first + part.start, bounds.numpy(), out.numpy().reshape(-1)
-    )
+    native.della_keep(ordered, shift, draws.key, draws.first + part.start, bounds, out)
 
 
 def _stable_order(keys: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
