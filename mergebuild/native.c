@@ -312,7 +312,20 @@ i64 mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict ex
             codes[kept] = piece_codes[j];
             kept += in[j];
         }
-        for (i64 j = 0; j < m; j++) {
+        /* Escapes are rare (a sign or binade that changed): eight codes at once are skipped
+           when none of them is -128 (0x80), found as a zero byte of their xor with 0x80s. */
+        i64 j = 0;
+        for (; j + 8 <= m; j += 8) {
+            uint64_t group;
+            memcpy(&group, piece_codes + j, sizeof group);
+            group ^= 0x8080808080808080ULL;
+            if (!((group - 0x0101010101010101ULL) & ~group & 0x8080808080808080ULL)) continue;
+            for (i64 k = j; k < j + 8; k++) {
+                escaped[outside] = e[k];
+                outside += in[k] & (piece_codes[k] == -128);
+            }
+        }
+        for (; j < m; j++) {
             escaped[outside] = e[j];
             outside += in[j] & (piece_codes[j] == -128);
         }
