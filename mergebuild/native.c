@@ -10,6 +10,7 @@
    exactly. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef int64_t i64;
@@ -347,16 +348,51 @@ static inline __attribute__((always_inline)) uint64_t stream_hash(uint64_t key, 
     return finalized(key + index * GOLDEN);
 }
 
+/* The hashing loops are compiled twice on x86-64 with GCC or Clang: for AVX-512, whose 64-bit
+   vector multiply hashes twice as fast, and for any x86-64, the CPU picking at run time.
+   Integer work: both give the same bits. */
+#define HASHES_BELOW_LOOP                                                   \
+    uint64_t x = key + start * GOLDEN; /* index * golden: one addition per element */ \
+    for (i64 j = 0; j < n; j++, x += GOLDEN) out[j] = finalized(x) < bound;
+#define HASH_WORDS_LOOP               \
+    uint64_t x = key + start * GOLDEN; \
+    for (i64 j = 0; j < n; j++, x += GOLDEN) out[j] = finalized(x) ^ 0x8000000000000000ULL;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define WIDE __attribute__((target("avx512f,avx512dq")))
+WIDE static void hashes_below_wide(uint64_t key, uint64_t start, i64 n, uint64_t bound, uint8_t *restrict out) {
+    HASHES_BELOW_LOOP
+}
+WIDE static void hash_words_wide(uint64_t key, uint64_t start, i64 n, uint64_t *restrict out) { HASH_WORDS_LOOP }
+/* MERGEBUILD_NATIVE_AVX512=0 keeps to the portable loops (the tests compare the two). */
+static int wide(void) {
+    static int answer = -1; /* a benign race: every thread finds the same */
+    if (answer < 0) {
+        const char *setting = getenv("MERGEBUILD_NATIVE_AVX512");
+        answer = !(setting && strcmp(setting, "0") == 0) && __builtin_cpu_supports("avx512f") &&
+                 __builtin_cpu_supports("avx512dq");
+    }
+    return answer;
+}
+#define IF_WIDE(CALL) \
+    if (wide()) {     \
+        CALL;         \
+        return;       \
+    }
+#else
+#define IF_WIDE(CALL)
+#endif
+
 /* out[j] = hash of index start + j is below `bound` (rng.keep_mask). */
 void mb_hashes_below(uint64_t key, uint64_t start, i64 n, uint64_t bound, uint8_t *restrict out) {
-    uint64_t x = key + start * GOLDEN; /* index * golden grows by one addition per element */
-    for (i64 j = 0; j < n; j++, x += GOLDEN) out[j] = finalized(x) < bound;
+    IF_WIDE(hashes_below_wide(key, start, n, bound, out))
+    HASHES_BELOW_LOOP
 }
 
-/* out[j] = hash of index start + j with its top bit flipped, as an int64 (rng.uniform_words). */
+/* out[j] = hash of index start + j with its top bit flipped (rng.uniform_words: as an int64). */
 void mb_hash_words(uint64_t key, uint64_t start, i64 n, uint64_t *restrict out) {
-    uint64_t x = key + start * GOLDEN;
-    for (i64 j = 0; j < n; j++, x += GOLDEN) out[j] = finalized(x) ^ 0x8000000000000000ULL;
+    IF_WIDE(hash_words_wide(key, start, n, out))
+    HASH_WORDS_LOOP
 }
 
 /* The integer sums behind fixed_point.masked_sums, of all of `values` (non-negative float32)
@@ -419,8 +455,7 @@ void mb_della_keep(i64 rows, i64 length, const int64_t *restrict sorted, int shi
             }
             continue;
         }
-        uint64_t x = key + (first + (uint64_t)row_start) * GOLDEN;
-        for (i64 k = 0; k < length; k++, x += GOLDEN) words[k] = (int64_t)(finalized(x) ^ 0x8000000000000000ULL);
+        mb_hash_words(key, first + (uint64_t)row_start, length, (uint64_t *)words);
         for (i64 r = 0; r < length; r++) {
             int64_t j = keys[r] & low;
             out[j] = words[j - row_start] < bounds[r];
@@ -539,8 +574,7 @@ i64 mb_della_mask(i64 rows, i64 length, const void *a, int ka, const void *b, in
                 start1[h] = rank + count0[h];
                 rank += count0[h] + count1[h];
             }
-            uint64_t x = key + (first + (uint64_t)offset) * GOLDEN;
-            for (i64 j = 0; j < length; j++, x += GOLDEN) words[j] = (int64_t)(finalized(x) ^ 0x8000000000000000ULL);
+            mb_hash_words(key, first + (uint64_t)offset, length, (uint64_t *)words);
             for (i64 j = 0; j < half; j++) out[offset + j] = words[j] < bounds[start0[slot[j]] + place[j]];
             for (i64 j = half; j < length; j++) out[offset + j] = words[j] < bounds[start1[slot[j]] + place[j]];
         }

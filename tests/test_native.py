@@ -8,6 +8,9 @@ a C compiler takes), and compares bit patterns.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -201,6 +204,39 @@ def test_blobs_are_the_numpy_paths(
         sparse = SparseDelta(mask, expert, None)
         fast, slow = both_paths(monkeypatch, lambda: b"".join(encode(sparse, base, dtype)))  # noqa: B023
         assert fast == slow
+
+
+_HASHES_SCRIPT = """
+import sys, torch
+from mergebuild import rng, native
+from mergebuild.methods import sparsify
+assert native.library() is not None
+key, g = rng.stream_key(5, b"digest", "w"), torch.Generator().manual_seed(11)
+delta = (torch.randn(64, 333, generator=g) * 1e-3).to(torch.bfloat16)
+torch.save(
+    [
+        rng.uniform_words(key, 12_345, 50_001),
+        rng.keep_mask(key, 777, 50_001, 0.3),
+        sparsify.della(delta, rng.Draws(key, first=5), 0.5, 0.2),
+    ],
+    sys.argv[1],
+)
+"""
+
+
+@built
+def test_the_avx512_hashing_loops_are_the_portable_ones(tmp_path: Path) -> None:
+    # Each process picks its loops once: one process with the choice left to the CPU, one
+    # with MERGEBUILD_NATIVE_AVX512=0 (the same where the CPU has no AVX-512).
+    results = []
+    for setting in ("1", "0"):
+        out = tmp_path / f"hashes-{setting}.pt"
+        env = {**os.environ, "MERGEBUILD_NATIVE_AVX512": setting}
+        subprocess.run([sys.executable, "-c", _HASHES_SCRIPT, str(out)], env=env, check=True)
+        results.append(torch.load(out))
+    for wide, portable in zip(*results, strict=True):
+        assert torch.equal(wide, portable)
+    assert 0.25 < results[0][1].float().mean() < 0.35
 
 
 @pytest.fixture
