@@ -15,6 +15,27 @@
 
 typedef int64_t i64;
 
+/* Some loops have a second, AVX-512 copy on x86-64 with GCC or Clang (intrinsics in
+   functions compiled for those instructions), which the CPU picks at run time where it has
+   them; MERGEBUILD_NATIVE_AVX512=0 keeps to the portable loops, and the tests compare the
+   two. Both copies do integer work and give the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define WIDE __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+static int wide(void) {
+    static int answer = -1; /* a benign race: every thread finds the same */
+    if (answer < 0) {
+        const char *setting = getenv("MERGEBUILD_NATIVE_AVX512");
+        answer = !(setting && strcmp(setting, "0") == 0) && __builtin_cpu_supports("avx512f") &&
+                 __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+                 __builtin_cpu_supports("popcnt");
+    }
+    return answer;
+}
+#define HAVE_WIDE 1
+#endif
+
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
 static inline float from_bits(uint32_t bits) {
@@ -279,9 +300,9 @@ void mb_bracket_block(i64 n, const float *restrict values, int absolute, int has
    difference of its bit pattern from the base's as a byte, or -128 when it does not fit in
    -127 .. 127, the bit pattern then going to `escaped`. Returns how many escaped; `codes`
    and `escaped` hold one more element than are kept (the last is scratch). */
-i64 mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict expert,
-                 const int16_t *restrict base, uint8_t *restrict packed, int8_t *restrict codes,
-                 int16_t *restrict escaped) {
+static i64 encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict expert,
+                     const int16_t *restrict base, uint8_t *restrict packed, int8_t *restrict codes,
+                     int16_t *restrict escaped) {
     /* Eight mask bytes (each 0 or 1) at once: the product puts byte k's bit at bit 63 - k,
        every other partial product lands below bit 56, and no two share a bit (no carries). */
     i64 full = n / 8;
@@ -334,6 +355,56 @@ i64 mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict ex
     return outside;
 }
 
+#ifdef HAVE_WIDE
+/* encode_16 on 64 elements at a time, n a multiple of 64: the kept codes are compressed
+   into place (vpcompressb) and stored under a mask, so nothing is written past them; the
+   escaped elements are found from the bitmasks. Sets *kept and returns how many escaped. */
+WIDE static i64 encode_16_wide(i64 n, const uint8_t *restrict mask, const int16_t *restrict expert,
+                               const int16_t *restrict base, uint8_t *restrict packed, int8_t *restrict codes,
+                               int16_t *restrict escaped, i64 *kept_count) {
+    const __m512i shift = _mm512_set1_epi16(127), limit = _mm512_set1_epi16(254);
+    const __m512i escape = _mm512_set1_epi8(-128);
+    i64 kept = 0, outside = 0;
+    for (i64 j = 0; j < n; j += 64) {
+        __m512i in = _mm512_loadu_si512(mask + j);
+        uint64_t k = _mm512_test_epi8_mask(in, in);
+        /* Element 8b + i goes to bit 7 - i of byte b (np.packbits): each byte's bits reversed. */
+        uint64_t bits = ((k >> 1) & 0x5555555555555555ULL) | ((k & 0x5555555555555555ULL) << 1);
+        bits = ((bits >> 2) & 0x3333333333333333ULL) | ((bits & 0x3333333333333333ULL) << 2);
+        bits = ((bits >> 4) & 0x0F0F0F0F0F0F0F0FULL) | ((bits & 0x0F0F0F0F0F0F0F0FULL) << 4);
+        memcpy(packed + j / 8, &bits, sizeof bits);
+        __m512i low = _mm512_sub_epi16(_mm512_loadu_si512(expert + j), _mm512_loadu_si512(base + j));
+        __m512i high = _mm512_sub_epi16(_mm512_loadu_si512(expert + j + 32), _mm512_loadu_si512(base + j + 32));
+        /* A difference fits when difference + 127, as unsigned, is at most 254. */
+        uint64_t fits = (uint64_t)_mm512_cmple_epu16_mask(_mm512_add_epi16(low, shift), limit) |
+                        (uint64_t)_mm512_cmple_epu16_mask(_mm512_add_epi16(high, shift), limit) << 32;
+        __m512i bytes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(low)),
+                                           _mm512_cvtepi16_epi8(high), 1);
+        bytes = _mm512_maskz_compress_epi8(k, _mm512_mask_mov_epi8(escape, fits, bytes));
+        int count = __builtin_popcountll(k);
+        _mm512_mask_storeu_epi8(codes + kept, count == 64 ? ~0ULL : (1ULL << count) - 1, bytes);
+        kept += count;
+        for (uint64_t out = k & ~fits; out; out &= out - 1) escaped[outside++] = expert[j + __builtin_ctzll(out)];
+    }
+    *kept_count = kept;
+    return outside;
+}
+#endif
+
+i64 mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict expert,
+                 const int16_t *restrict base, uint8_t *restrict packed, int8_t *restrict codes,
+                 int16_t *restrict escaped) {
+#ifdef HAVE_WIDE
+    if (wide()) {
+        i64 done = n - n % 64, kept;
+        i64 outside = encode_16_wide(done, mask, expert, base, packed, codes, escaped, &kept);
+        return outside + encode_16(n - done, mask + done, expert + done, base + done, packed + done / 8,
+                                   codes + kept, escaped + outside);
+    }
+#endif
+    return encode_16(n, mask, expert, base, packed, codes, escaped);
+}
+
 /* The 64-bit hash of flat index `index` of a random stream (rng._hashed_blocks): SplitMix64's
    finalizer (`finalized`) over key + index * golden ratio, all mod 2^64. */
 #define GOLDEN 0x9E3779B97F4A7C15ULL
@@ -348,9 +419,6 @@ static inline __attribute__((always_inline)) uint64_t stream_hash(uint64_t key, 
     return finalized(key + index * GOLDEN);
 }
 
-/* The hashing loops are compiled twice on x86-64 with GCC or Clang: for AVX-512, whose 64-bit
-   vector multiply hashes twice as fast, and for any x86-64, the CPU picking at run time.
-   Integer work: both give the same bits. */
 #define HASHES_BELOW_LOOP                                                   \
     uint64_t x = key + start * GOLDEN; /* index * golden: one addition per element */ \
     for (i64 j = 0; j < n; j++, x += GOLDEN) out[j] = finalized(x) < bound;
@@ -358,40 +426,67 @@ static inline __attribute__((always_inline)) uint64_t stream_hash(uint64_t key, 
     uint64_t x = key + start * GOLDEN; \
     for (i64 j = 0; j < n; j++, x += GOLDEN) out[j] = finalized(x) ^ 0x8000000000000000ULL;
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define WIDE __attribute__((target("avx512f,avx512dq")))
-WIDE static void hashes_below_wide(uint64_t key, uint64_t start, i64 n, uint64_t bound, uint8_t *restrict out) {
-    HASHES_BELOW_LOOP
+#ifdef HAVE_WIDE
+/* Eight hashes at once: `x` holds key + index * golden of eight consecutive indices. */
+WIDE static inline __m512i finalized_wide(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi64(x, 30));
+    x = _mm512_mullo_epi64(x, _mm512_set1_epi64((long long)0xBF58476D1CE4E5B9ULL));
+    x = _mm512_xor_si512(x, _mm512_srli_epi64(x, 27));
+    x = _mm512_mullo_epi64(x, _mm512_set1_epi64((long long)0x94D049BB133111EBULL));
+    return _mm512_xor_si512(x, _mm512_srli_epi64(x, 31));
 }
-WIDE static void hash_words_wide(uint64_t key, uint64_t start, i64 n, uint64_t *restrict out) { HASH_WORDS_LOOP }
-/* MERGEBUILD_NATIVE_AVX512=0 keeps to the portable loops (the tests compare the two). */
-static int wide(void) {
-    static int answer = -1; /* a benign race: every thread finds the same */
-    if (answer < 0) {
-        const char *setting = getenv("MERGEBUILD_NATIVE_AVX512");
-        answer = !(setting && strcmp(setting, "0") == 0) && __builtin_cpu_supports("avx512f") &&
-                 __builtin_cpu_supports("avx512dq");
-    }
-    return answer;
+
+WIDE static inline __m512i first_indices(uint64_t key, uint64_t start) {
+    uint64_t x = key + start * GOLDEN;
+    return _mm512_setr_epi64((long long)x, (long long)(x + GOLDEN), (long long)(x + 2 * GOLDEN),
+                             (long long)(x + 3 * GOLDEN), (long long)(x + 4 * GOLDEN), (long long)(x + 5 * GOLDEN),
+                             (long long)(x + 6 * GOLDEN), (long long)(x + 7 * GOLDEN));
 }
-#define IF_WIDE(CALL) \
-    if (wide()) {     \
-        CALL;         \
-        return;       \
+
+/* Returns how many were done (a multiple of 64); the caller does the rest. */
+WIDE static i64 hashes_below_wide(uint64_t key, uint64_t start, i64 n, uint64_t bound, uint8_t *restrict out) {
+    __m512i x = first_indices(key, start);
+    const __m512i step = _mm512_set1_epi64((long long)(8 * GOLDEN)), below = _mm512_set1_epi64((long long)bound);
+    i64 done = n - n % 64;
+    for (i64 j = 0; j < done; j += 64) {
+        uint64_t k = 0;
+        for (int q = 0; q < 8; q++, x = _mm512_add_epi64(x, step))
+            k |= (uint64_t)_mm512_cmplt_epu64_mask(finalized_wide(x), below) << (8 * q);
+        _mm512_storeu_si512(out + j, _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1)));
     }
-#else
-#define IF_WIDE(CALL)
+    return done;
+}
+
+WIDE static i64 hash_words_wide(uint64_t key, uint64_t start, i64 n, uint64_t *restrict out) {
+    __m512i x = first_indices(key, start);
+    const __m512i step = _mm512_set1_epi64((long long)(8 * GOLDEN));
+    const __m512i top = _mm512_set1_epi64((long long)0x8000000000000000ULL);
+    i64 done = n - n % 8;
+    for (i64 j = 0; j < done; j += 8, x = _mm512_add_epi64(x, step))
+        _mm512_storeu_si512(out + j, _mm512_xor_si512(finalized_wide(x), top));
+    return done;
+}
 #endif
 
 /* out[j] = hash of index start + j is below `bound` (rng.keep_mask). */
 void mb_hashes_below(uint64_t key, uint64_t start, i64 n, uint64_t bound, uint8_t *restrict out) {
-    IF_WIDE(hashes_below_wide(key, start, n, bound, out))
+#ifdef HAVE_WIDE
+    if (wide()) {
+        i64 done = hashes_below_wide(key, start, n, bound, out);
+        start += (uint64_t)done, n -= done, out += done;
+    }
+#endif
     HASHES_BELOW_LOOP
 }
 
 /* out[j] = hash of index start + j with its top bit flipped (rng.uniform_words: as an int64). */
 void mb_hash_words(uint64_t key, uint64_t start, i64 n, uint64_t *restrict out) {
-    IF_WIDE(hash_words_wide(key, start, n, out))
+#ifdef HAVE_WIDE
+    if (wide()) {
+        i64 done = hash_words_wide(key, start, n, out);
+        start += (uint64_t)done, n -= done, out += done;
+    }
+#endif
     HASH_WORDS_LOOP
 }
 
@@ -399,11 +494,54 @@ void mb_hash_words(uint64_t key, uint64_t start, i64 n, uint64_t *restrict out) 
    and of those where `mask`: each value times the `count` scales in turn, then its integer
    part (truncated) and its fraction times 2^31 (truncated) summed apart. sums: whole and
    fraction of all, whole and fraction of the kept ones. */
+#ifdef HAVE_WIDE
+/* mb_masked_sums on 16 elements at a time, n a multiple of 16, adding to `sums`. Each
+   value's two integers are widened to 64 bits and added to the sums of all, and under the
+   mask to those of the kept (the same integers a kept value gives: mask * v is v). */
+WIDE static void masked_sums_wide(i64 n, const float *restrict values, const uint8_t *restrict mask,
+                                  const float step[4], i64 sums[4]) {
+    const __m512 unit = _mm512_set1_ps(0x1p31f);
+    __m512i whole = _mm512_setzero_si512(), fraction = whole, kept_whole = whole, kept_fraction = whole;
+    for (i64 j = 0; j < n; j += 16) {
+        __m512 v = _mm512_loadu_ps(values + j);
+        for (int s = 0; s < 4; s++) v = _mm512_mul_ps(v, _mm512_set1_ps(step[s]));
+        __m512i v_whole = _mm512_cvttps_epi32(v);
+        __m512i v_fraction = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(v_whole)), unit));
+        __m128i in = _mm_loadu_si128((const __m128i *)(mask + j));
+        __mmask16 k = _mm_test_epi8_mask(in, in);
+        __m512i parts[4] = {
+            _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v_whole)),
+            _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v_whole, 1)),
+            _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v_fraction)),
+            _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v_fraction, 1)),
+        };
+        whole = _mm512_add_epi64(whole, _mm512_add_epi64(parts[0], parts[1]));
+        fraction = _mm512_add_epi64(fraction, _mm512_add_epi64(parts[2], parts[3]));
+        kept_whole = _mm512_mask_add_epi64(kept_whole, (__mmask8)k, kept_whole, parts[0]);
+        kept_whole = _mm512_mask_add_epi64(kept_whole, (__mmask8)(k >> 8), kept_whole, parts[1]);
+        kept_fraction = _mm512_mask_add_epi64(kept_fraction, (__mmask8)k, kept_fraction, parts[2]);
+        kept_fraction = _mm512_mask_add_epi64(kept_fraction, (__mmask8)(k >> 8), kept_fraction, parts[3]);
+    }
+    sums[0] += _mm512_reduce_add_epi64(whole);
+    sums[1] += _mm512_reduce_add_epi64(fraction);
+    sums[2] += _mm512_reduce_add_epi64(kept_whole);
+    sums[3] += _mm512_reduce_add_epi64(kept_fraction);
+}
+#endif
+
 void mb_masked_sums(i64 n, const float *restrict values, const uint8_t *restrict mask, const float *scales,
                     int count, i64 *restrict sums) {
     float step[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     for (int s = 0; s < count && s < 4; s++) step[s] = scales[s];
     i64 whole = 0, fraction = 0, kept_whole = 0, kept_fraction = 0;
+    sums[0] = sums[1] = sums[2] = sums[3] = 0;
+#ifdef HAVE_WIDE
+    if (wide()) {
+        i64 done = n - n % 16;
+        masked_sums_wide(done, values, mask, step, sums);
+        values += done, mask += done, n -= done;
+    }
+#endif
     for (i64 j = 0; j < n; j++) {
         /* Scaling by powers of two is exact but for underflow, which the same steps give. */
         float v = values[j] * step[0] * step[1] * step[2] * step[3];
@@ -414,10 +552,10 @@ void mb_masked_sums(i64 n, const float *restrict values, const uint8_t *restrict
         kept_whole += kept_int;
         kept_fraction += (int32_t)((kept - (float)kept_int) * 0x1p31f);
     }
-    sums[0] = whole;
-    sums[1] = fraction;
-    sums[2] = kept_whole;
-    sums[3] = kept_fraction;
+    sums[0] += whole;
+    sums[1] += fraction;
+    sums[2] += kept_whole;
+    sums[3] += kept_fraction;
 }
 
 /* della's sort keys of a slice of rows (sparsify._stable_order): the bit pattern of |a - b|

@@ -206,18 +206,31 @@ def test_blobs_are_the_numpy_paths(
         assert fast == slow
 
 
-_HASHES_SCRIPT = """
+_WIDE_SCRIPT = """
 import sys, torch
 from mergebuild import rng, native
-from mergebuild.methods import sparsify
+from mergebuild.methods import sparse_delta, sparsify
 assert native.library() is not None
 key, g = rng.stream_key(5, b"digest", "w"), torch.Generator().manual_seed(11)
 delta = (torch.randn(64, 333, generator=g) * 1e-3).to(torch.bfloat16)
+base = torch.randn(1000, 7, generator=g).to(torch.bfloat16)
+# Mostly a few units in the last place, some far (escaped), some masks all set or all clear.
+expert = base.view(torch.int16) + torch.randint(-40, 40, base.shape, generator=g, dtype=torch.int16)
+expert[torch.rand(base.shape, generator=g) < 0.01] = 31_000
+expert = expert.view(torch.bfloat16)
+mask = torch.rand(base.shape, generator=g) < 0.6
+mask[:20] = True
+mask[20:40] = False
+blob = b"".join(sparse_delta.encode(sparse_delta.SparseDelta(mask, expert, None), base, torch.bfloat16))
+magnitudes = torch.rand(100_003, generator=g) * 1e-3
+sums = [native.masked_sums(magnitudes[:n], mask.reshape(-1)[:n], [2.0**40]) for n in (5, 16, 7000)]
 torch.save(
     [
         rng.uniform_words(key, 12_345, 50_001),
         rng.keep_mask(key, 777, 50_001, 0.3),
         sparsify.della(delta, rng.Draws(key, first=5), 0.5, 0.2),
+        torch.frombuffer(bytearray(blob), dtype=torch.uint8),
+        torch.tensor(sums),
     ],
     sys.argv[1],
 )
@@ -225,14 +238,14 @@ torch.save(
 
 
 @built
-def test_the_avx512_hashing_loops_are_the_portable_ones(tmp_path: Path) -> None:
+def test_the_avx512_loops_are_the_portable_ones(tmp_path: Path) -> None:
     # Each process picks its loops once: one process with the choice left to the CPU, one
     # with MERGEBUILD_NATIVE_AVX512=0 (the same where the CPU has no AVX-512).
     results = []
     for setting in ("1", "0"):
-        out = tmp_path / f"hashes-{setting}.pt"
+        out = tmp_path / f"wide-{setting}.pt"
         env = {**os.environ, "MERGEBUILD_NATIVE_AVX512": setting}
-        subprocess.run([sys.executable, "-c", _HASHES_SCRIPT, str(out)], env=env, check=True)
+        subprocess.run([sys.executable, "-c", _WIDE_SCRIPT, str(out)], env=env, check=True)
         results.append(torch.load(out))
     for wide, portable in zip(*results, strict=True):
         assert torch.equal(wide, portable)
