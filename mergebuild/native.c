@@ -98,7 +98,7 @@ static inline __attribute__((always_inline)) float kept_weighted(
 }
 
 /* Without consensus: total = x + 0 for the first model (IEEE: -0 becomes +0), else total + x. */
-void mb_fold_total(i64 n, const void *e, int ke, const void *b, int kb, const uint8_t *restrict mask,
+static void fold_total(i64 n, const void *e, int ke, const void *b, int kb, const uint8_t *restrict mask,
                    const float *factor, float weight, float *restrict total, int first) {
     const float scale = factor ? *factor : 1.0f;
 #define FOLD_TOTAL(KE, KB)                                                            \
@@ -146,7 +146,7 @@ static inline __attribute__((always_inline)) float kept_if(float x, int keep) {
    both; the first model's parts plus 0, which 0 + part is too); with `pos_bits` (then
    `neg_bits` too), bit `bit` is set where x is positive (or negative), in bit sets of
    `width` bytes (1 or 4). */
-void mb_fold_signed(i64 n, const void *e, int ke, const void *b, int kb, const uint8_t *restrict mask,
+static void fold_signed(i64 n, const void *e, int ke, const void *b, int kb, const uint8_t *restrict mask,
                     const float *factor, float weight, float *restrict pos, float *restrict neg, int first,
                     void *restrict pos_bits, void *restrict neg_bits, int width, uint32_t bit) {
     const float scale = factor ? *factor : 1.0f;
@@ -163,6 +163,52 @@ void mb_fold_signed(i64 n, const void *e, int ke, const void *b, int kb, const u
 #undef SIGNED_NONE
 #undef SIGNED_FIRST
 #undef SIGNED_LOOP
+
+/* Several models folded in at once (fold_total or fold_signed, each model in turn), a
+   tile at a time: a tile of the sums stays in the CPU's cache from one model's pass to the
+   next, so the sums cross memory once per group instead of once per model. Each element
+   still takes the models in order: the bits are those of one fold per model. */
+enum { FOLD_TILE = 1 << 13 };
+
+static inline i64 kind_bytes(int kind) { return kind == F32 ? 4 : 2; }
+
+/* One model of a group: its weighted kept delta's operands (see kept_weighted). */
+typedef struct {
+    const void *expert;
+    const uint8_t *mask;
+    const float *factor; /* NULL: no rescale */
+    float weight;
+    int kind;
+    uint32_t bit; /* its bit in the bit sets (fold_signed) */
+} FoldModel;
+
+void mb_fold_total_group(i64 n, int count, const FoldModel *models, const void *b, int kb, float *restrict total,
+                         int first) {
+    for (i64 lo = 0; lo < n; lo += FOLD_TILE) {
+        i64 m = n - lo < FOLD_TILE ? n - lo : FOLD_TILE;
+        for (int i = 0; i < count; i++) {
+            const FoldModel *model = &models[i];
+            fold_total(m, (const char *)model->expert + lo * kind_bytes(model->kind), model->kind,
+                          (const char *)b + lo * kind_bytes(kb), kb, model->mask + lo, model->factor,
+                          model->weight, total + lo, first && i == 0);
+        }
+    }
+}
+
+void mb_fold_signed_group(i64 n, int count, const FoldModel *models, const void *b, int kb, float *restrict pos,
+                          float *restrict neg, int first, void *pos_bits, void *neg_bits, int width) {
+    for (i64 lo = 0; lo < n; lo += FOLD_TILE) {
+        i64 m = n - lo < FOLD_TILE ? n - lo : FOLD_TILE;
+        for (int i = 0; i < count; i++) {
+            const FoldModel *model = &models[i];
+            fold_signed(m, (const char *)model->expert + lo * kind_bytes(model->kind), model->kind,
+                           (const char *)b + lo * kind_bytes(kb), kb, model->mask + lo, model->factor,
+                           model->weight, pos + lo, neg + lo, first && i == 0,
+                           pos_bits ? (char *)pos_bits + lo * width : NULL,
+                           neg_bits ? (char *)neg_bits + lo * width : NULL, width, model->bit);
+        }
+    }
+}
 
 /* The finish of one element of the mix: divided by its divisor, times lambda, plus the base
    (the callers pass 1 for an absent divisor or lambda: x / 1 and x * 1 are x). */
@@ -298,11 +344,12 @@ void mb_bracket_block(i64 n, const float *restrict values, int absolute, int has
 /* One chunk of a 2-byte sparse delta blob (sparse_delta.encode): the mask packed most
    significant bit first (the last byte padded with zeros); per kept element the wrapping
    difference of its bit pattern from the base's as a byte, or -128 when it does not fit in
-   -127 .. 127, the bit pattern then going to `escaped`. Returns how many escaped; `codes`
-   and `escaped` hold one more element than are kept (the last is scratch). */
+   -127 .. 127, the bit pattern then going to `escaped`. Sets *kept_count and returns how
+   many escaped; `codes` and `escaped` hold one more element than are kept (the last is
+   scratch). */
 static i64 encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict expert,
                      const int16_t *restrict base, uint8_t *restrict packed, int8_t *restrict codes,
-                     int16_t *restrict escaped) {
+                     int16_t *restrict escaped, i64 *kept_count) {
     /* Eight mask bytes (each 0 or 1) at once: the product puts byte k's bit at bit 63 - k,
        every other partial product lands below bit 56, and no two share a bit (no carries). */
     i64 full = n / 8;
@@ -352,6 +399,7 @@ static i64 encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restric
             outside += in[j] & (piece_codes[j] == -128);
         }
     }
+    *kept_count = kept;
     return outside;
 }
 
@@ -391,18 +439,21 @@ WIDE static i64 encode_16_wide(i64 n, const uint8_t *restrict mask, const int16_
 }
 #endif
 
-i64 mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict expert,
-                 const int16_t *restrict base, uint8_t *restrict packed, int8_t *restrict codes,
-                 int16_t *restrict escaped) {
+void mb_encode_16(i64 n, const uint8_t *restrict mask, const int16_t *restrict expert,
+                  const int16_t *restrict base, uint8_t *restrict packed, int8_t *restrict codes,
+                  int16_t *restrict escaped, i64 *restrict counts) {
+    i64 done = 0, kept = 0, outside = 0;
 #ifdef HAVE_WIDE
     if (wide()) {
-        i64 done = n - n % 64, kept;
-        i64 outside = encode_16_wide(done, mask, expert, base, packed, codes, escaped, &kept);
-        return outside + encode_16(n - done, mask + done, expert + done, base + done, packed + done / 8,
-                                   codes + kept, escaped + outside);
+        done = n - n % 64;
+        outside = encode_16_wide(done, mask, expert, base, packed, codes, escaped, &kept);
     }
 #endif
-    return encode_16(n, mask, expert, base, packed, codes, escaped);
+    i64 rest_kept;
+    outside += encode_16(n - done, mask + done, expert + done, base + done, packed + done / 8, codes + kept,
+                         escaped + outside, &rest_kept);
+    counts[0] = kept + rest_kept;
+    counts[1] = outside;
 }
 
 /* The 64-bit hash of flat index `index` of a random stream (rng._hashed_blocks): SplitMix64's

@@ -25,7 +25,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -43,11 +45,8 @@ _I64, _INT, _F32, _U32, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, cty
 _U64 = ctypes.c_uint64
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "mb_difference": (None, [_I64, _PTR, _INT, _PTR, _INT, _PTR]),
-    "mb_fold_total": (None, [_I64, _PTR, _INT, _PTR, _INT, _PTR, _PTR, _F32, _PTR, _INT]),
-    "mb_fold_signed": (
-        None,
-        [_I64, _PTR, _INT, _PTR, _INT, _PTR, _PTR, _F32, _PTR, _PTR, _INT, _PTR, _PTR, _INT, _U32],
-    ),
+    "mb_fold_total_group": (None, [_I64, _INT, _PTR, _PTR, _INT, _PTR, _INT]),
+    "mb_fold_signed_group": (None, [_I64, _INT, _PTR, _PTR, _INT, _PTR, _PTR, _INT, _PTR, _PTR, _INT]),
     "mb_finish_total": (None, [_I64, _PTR, _PTR, _PTR, _PTR, _INT]),
     "mb_finish_signed": (None, [_I64, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _INT]),
     "mb_bracket_block": (
@@ -55,7 +54,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
         [_I64, _PTR, _INT, _INT, ctypes.c_int32, _INT, ctypes.c_int32, _PTR, _INT, _PTR, _PTR, _INT]
         + [_PTR] * 7,
     ),
-    "mb_encode_16": (_I64, [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]),
+    "mb_encode_16": (None, [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]),
     "mb_hashes_below": (None, [_U64, _U64, _I64, _U64, _PTR]),
     "mb_hash_words": (None, [_U64, _U64, _I64, _PTR]),
     "mb_masked_sums": (None, [_I64, _PTR, _PTR, _PTR, _INT, _PTR]),
@@ -152,71 +151,73 @@ def difference(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Ten
     return out
 
 
-def _kept_delta(
-    expert: torch.Tensor,
-    base: torch.Tensor,
-    mask: torch.Tensor,
-    factor: torch.Tensor | None,
-    weight: torch.Tensor,
-) -> tuple[int, int, int, int, int, int | None, float]:
-    """The fold kernels' arguments that give a model's weighted kept delta."""
-    kinds = _KINDS[expert.dtype], _KINDS[base.dtype]
-    return (
-        expert.data_ptr(),
-        kinds[0],
-        base.data_ptr(),
-        kinds[1],
-        mask.data_ptr(),
-        _ptr(factor),
-        float(weight),
+class _FoldModel(ctypes.Structure):
+    """One model of a fold group (native.c's FoldModel)."""
+
+    _fields_: ClassVar = [
+        ("expert", _PTR),
+        ("mask", _PTR),
+        ("factor", _PTR),
+        ("weight", _F32),
+        ("kind", _INT),
+        ("bit", _U32),
+    ]
+
+
+#: A model of a fold group: its expert, mask, rescale factor (float32 0-d, or None), weight
+#: (float32 0-d) and bit in the bit sets, each tensor the fold's elements of it.
+FoldOperands = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor, int]
+
+
+def _fold_models(models: Sequence[FoldOperands]) -> ctypes.Array[_FoldModel]:
+    return (_FoldModel * len(models))(
+        *(
+            _FoldModel(
+                expert.data_ptr(), mask.data_ptr(), _ptr(factor), float(weight), _KINDS[expert.dtype], bit
+            )
+            for expert, mask, factor, weight, bit in models
+        )
     )
 
 
-def fold_total(
-    expert: torch.Tensor,
-    base: torch.Tensor,
-    mask: torch.Tensor,
-    factor: torch.Tensor | None,
-    weight: torch.Tensor,
-    total: torch.Tensor,
-    first: bool,
-) -> None:
-    """total (+)= ((expert - base) * mask [* factor]) * weight, elementwise (`first`: total is
-    set to that plus 0); `factor` and `weight` are float32 0-d."""
-    _lib().mb_fold_total(
+def fold_total(models: Sequence[FoldOperands], base: torch.Tensor, total: torch.Tensor, first: bool) -> None:
+    """For each model in order: total (+)= ((expert - base) * mask [* factor]) * weight,
+    elementwise (`first`: the first model sets total to that plus 0)."""
+    _lib().mb_fold_total_group(
         total.numel(),
-        *_kept_delta(expert, base, mask, factor, weight),
+        len(models),
+        _fold_models(models),
+        base.data_ptr(),
+        _KINDS[base.dtype],
         total.data_ptr(),
         int(first),
     )
 
 
 def fold_signed(
-    expert: torch.Tensor,
+    models: Sequence[FoldOperands],
     base: torch.Tensor,
-    mask: torch.Tensor,
-    factor: torch.Tensor | None,
-    weight: torch.Tensor,
     pos: torch.Tensor,
     neg: torch.Tensor,
     first: bool,
     bit_sets: tuple[torch.Tensor, torch.Tensor] | None,
-    bit: int,
 ) -> None:
-    """Add the positive and the negative parts of the weighted kept delta (as in `fold_total`)
-    to `pos` and `neg`; with `bit_sets` (uint8 or int32), set `bit` in the positive or the
-    negative one where the weighted kept delta is positive or negative."""
+    """For each model in order: add the positive and the negative parts of its weighted kept
+    delta (as in `fold_total`) to `pos` and `neg`; with `bit_sets` (uint8 or int32), set its
+    bit in the positive or the negative one where that is positive or negative."""
     pos_bits, neg_bits = bit_sets if bit_sets is not None else (None, None)
-    _lib().mb_fold_signed(
+    _lib().mb_fold_signed_group(
         pos.numel(),
-        *_kept_delta(expert, base, mask, factor, weight),
+        len(models),
+        _fold_models(models),
+        base.data_ptr(),
+        _KINDS[base.dtype],
         pos.data_ptr(),
         neg.data_ptr(),
         int(first),
         _ptr(pos_bits),
         _ptr(neg_bits),
         0 if pos_bits is None else pos_bits.element_size(),
-        bit,
     )
 
 
@@ -307,12 +308,13 @@ def bracket_block(
 
 def encode_16(
     mask: np.ndarray, expert: np.ndarray, base: np.ndarray, codes: np.ndarray, escaped: np.ndarray
-) -> tuple[np.ndarray, int]:
-    """The packed `mask` (bool) and, into `codes` (int8) and `escaped` (int16, each at least as
-    long as the kept elements), the kept elements' byte codes of their int16 bit patterns
-    against the base's (see native.c); returns the packed mask and how many escaped."""
+) -> tuple[np.ndarray, int, int]:
+    """The packed `mask` (bool) and, into `codes` (int8) and `escaped` (int16, each longer than
+    the kept elements), the kept elements' byte codes of their int16 bit patterns against the
+    base's (see native.c); returns the packed mask, how many are kept and how many escaped."""
     packed = np.empty((mask.size + 7) // 8, dtype=np.uint8)
-    outside = _lib().mb_encode_16(
+    counts = np.empty(2, dtype=np.int64)
+    _lib().mb_encode_16(
         mask.size,
         mask.ctypes.data,
         expert.ctypes.data,
@@ -320,8 +322,9 @@ def encode_16(
         packed.ctypes.data,
         codes.ctypes.data,
         escaped.ctypes.data,
+        counts.ctypes.data,
     )
-    return packed, int(outside)
+    return packed, int(counts[0]), int(counts[1])
 
 
 def hashes_below(key: int, start: int, bound: int, out: np.ndarray) -> None:

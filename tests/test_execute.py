@@ -132,11 +132,11 @@ def test_the_next_tensor_starts_while_the_last_fold_finishes_the_previous(
     first_tensor: list[str] = []
     add, weighted_delta = _Fold.add, TaskArithmeticFamily.weighted_delta
 
-    def slow_last_fold(self: _Fold, i: int, weighted: object, finish: object = None) -> None:
+    def slow_last_fold(self: _Fold, group: object, finish: object = None) -> None:
         if finish is not None and not overlapped:
             # The first tensor's last fold waits until a later tensor's first delta is made.
             overlapped.append(next_started.wait(timeout=10))
-        add(self, i, weighted, finish)  # type: ignore[arg-type]
+        add(self, group, finish)  # type: ignore[arg-type]
 
     def watched(self: TaskArithmeticFamily, ctx: TensorContext, i: int, *args: object) -> object:
         if not first_tensor:
@@ -171,12 +171,12 @@ def test_a_failed_fold_of_a_tensor_being_finished_fails_the_build(
     finishes: list[int] = []
     add = _Fold.add
 
-    def failing_finish(self: _Fold, i: int, weighted: object, finish: object = None) -> None:
+    def failing_finish(self: _Fold, group: object, finish: object = None) -> None:
         if finish is not None:
-            finishes.append(i)
+            finishes.append(len(finishes))
             if len(finishes) == 3:
                 raise RuntimeError("the third tensor's last fold failed")
-        add(self, i, weighted, finish)  # type: ignore[arg-type]
+        add(self, group, finish)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_Fold, "add", failing_finish)
     with pytest.raises(RuntimeError, match="third tensor's last fold failed"):

@@ -7,7 +7,6 @@ a C compiler takes), and compares bit patterns.
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -100,11 +99,14 @@ def _fold(
     dtypes: tuple[torch.dtype, torch.dtype],
     rescale: bool,
     lam: float,
+    shape: tuple[int, int],
+    group: int,
 ) -> torch.Tensor:
-    """A fold of `models` kept deltas (with infinities and NaNs among the experts), finished."""
+    """A fold of `models` kept deltas (with infinities and NaNs among the experts), `group`
+    models at a time, finished."""
     g = torch.Generator().manual_seed(models)
     expert_dtype, base_dtype = dtypes
-    base = (torch.randn(40, 75, generator=g) * 0.02).to(base_dtype)
+    base = (torch.randn(shape, generator=g) * 0.02).to(base_dtype)
     weights = [float(w) for w in torch.randn(models, generator=g)]
     fold = _Fold(consensus, weights, track_weights=normalize)
     finish = _Finish(
@@ -113,13 +115,15 @@ def _fold(
         None if lam == 1 else torch.tensor(lam),
         base,
     )
+    kept = []
     for i in range(models):
         moved = base.float() + torch.randn(base.shape, generator=g) * 0.01
         expert = with_specials(moved.reshape(-1), g).reshape(base.shape).to(expert_dtype)
         mask = torch.rand(base.shape, generator=g) < 0.4
         factor = torch.tensor(1.0 + float(torch.rand((), generator=g))) if rescale else None
-        kept = _Kept(SparseDelta(mask, expert, factor), base, fold.weights[i])
-        fold.add(i, kept, finish if i == models - 1 else None)
+        kept.append((i, _Kept(SparseDelta(mask, expert, factor), base, fold.weights[i])))
+    for start in range(0, models, group):
+        fold.add(kept[start : start + group], finish if start + group >= models else None)
     return fold.result()
 
 
@@ -131,19 +135,31 @@ def _fold(
     "dtypes",
     [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
 )
+@pytest.mark.parametrize(
+    ("shape", "chunk", "group"),
+    [
+        ((40, 75), 256, 1),  # many chunks, the last one partial
+        ((40, 75), 256, 2),
+        ((120, 250), 1 << 14, 3),  # chunks of two tiles, the last one of one and a part
+    ],
+)
 def test_folds_are_the_torch_paths(
     monkeypatch: pytest.MonkeyPatch,
     consensus: bool,
     normalize: bool,
     models: int,
     dtypes: tuple[torch.dtype, torch.dtype],
+    shape: tuple[int, int],
+    chunk: int,
+    group: int,
 ) -> None:
-    # Chunks far smaller than the tensor: many chunks, the last one partial.
-    monkeypatch.setattr(task_arithmetic, "_CLAMP_CHUNK", 256)
+    # The kernels folding `group` models at a time, against torch's one at a time.
+    monkeypatch.setattr(task_arithmetic, "_CLAMP_CHUNK", chunk)
     for rescale, lam in ((False, 1.0), (True, 0.6)):
-        fast, slow = both_paths(
-            monkeypatch, functools.partial(_fold, consensus, normalize, models, dtypes, rescale, lam)
-        )
+        fast = _fold(consensus, normalize, models, dtypes, rescale, lam, shape, group)
+        with monkeypatch.context() as m:
+            m.setattr(native, "library", lambda: None)
+            slow = _fold(consensus, normalize, models, dtypes, rescale, lam, shape, 1)
         assert same_bits(fast, slow)
         assert fast.isnan().any()  # the specials reached the sums
 

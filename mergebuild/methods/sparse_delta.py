@@ -174,18 +174,22 @@ def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> list[
     # chunk's; a chunk holds a multiple of 8 elements, so the packed mask's pieces do too).
     sections: list[list[np.ndarray]] = [[], [], []] if dtype.itemsize == 2 else [[], []]
     fused = dtype.itemsize == 2 and native.library() is not None
+    if fused:
+        # The native pass writes a chunk's codes here; each chunk's kept ones are copied out.
+        scratch = min(mask.size, _ENCODE_CHUNK) + 1
+        codes, escaped = np.empty(scratch, dtype=np.int8), np.empty(scratch, dtype=np.int16)
     for start in range(0, mask.size, _ENCODE_CHUNK):
         part = slice(start, start + _ENCODE_CHUNK)
         kept = mask[part]
         chunk = values[part].to(dtype)
         if fused:
             # One native pass packs the mask and codes the kept values (the same bytes).
-            count = int(np.count_nonzero(kept))
-            codes, escaped = np.empty(count + 1, dtype=np.int8), np.empty(count + 1, dtype=np.int16)
             bits = np.ascontiguousarray(chunk.view(torch.int16).numpy())
-            packed, outside = native.encode_16(kept, bits, _bits(base_values[part], dtype), codes, escaped)
+            packed, count, outside = native.encode_16(
+                kept, bits, _bits(base_values[part], dtype), codes, escaped
+            )
             sections[0].append(packed)
-            sections[1].append(codes[:count])
+            sections[1].append(codes[:count].copy())
             sections[2].append(escaped[:outside].copy())
             continue
         sections[0].append(np.packbits(kept))
@@ -208,7 +212,7 @@ def encode(sparse: SparseDelta, base: torch.Tensor, dtype: torch.dtype) -> list[
             sections[1].append(np.compress(kept, rows, axis=0))
     header = {
         "shape": list(sparse.mask.shape),
-        "count": int(np.count_nonzero(mask)),
+        "count": sum(len(piece) for piece in sections[1]),  # a code or a row per kept element
         "dtype": DTYPE_NAMES[dtype],
         "factor": None if sparse.factor is None else struct.pack("<f", float(sparse.factor)).hex(),
         "sections": [sum(piece.nbytes for piece in pieces) for pieces in sections],

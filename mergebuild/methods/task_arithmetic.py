@@ -203,14 +203,18 @@ class _Fold:
         #: The divisors by kept bit set (see `_subset_sums`), made on first use.
         self.table: torch.Tensor | None = None
 
-    def add(self, i: int, weighted: _Whole | _Kept, finish: _Finish | None = None) -> None:
-        """Fold in model i's weighted delta, made a chunk at a time; with `finish` (the last
-        model) each chunk of the sums is then turned into the merged tensor's (see `result`).
+    def add(self, group: Sequence[tuple[int, _Whole | _Kept]], finish: _Finish | None = None) -> None:
+        """Fold in the weighted deltas of `group` (model i and its delta, in model order), made a
+        chunk at a time; with `finish` (the group holds the last model) each chunk of the sums
+        is then turned into the merged tensor's (see `result`). Each chunk takes the group's
+        models in turn, so the sums are the same as from one model at a time; where one kernel
+        folds them (`_fuses`), a tile of the sums stays in the CPU's cache from one model to
+        the next.
 
         The sums start at zero, and `0 + x` is `x + 0` (IEEE: both turn -0 into +0), so
         the first model's sums are its own values plus 0, without zeroed buffers.
         """
-        like = weighted.base
+        like = group[0][1].base
         first = self.total is None and self.pos is None
         if first:
             if self.consensus:
@@ -220,16 +224,16 @@ class _Fold:
                 self.total = torch.empty_like(like, dtype=torch.float32)
             if self.track_weights:
                 self._start_weights(like)
-        fused = self._fuses(weighted)
+        kept = [weighted for _, weighted in group if isinstance(weighted, _Kept) and self._fuses(weighted)]
         for part in _chunks(like.numel()):
-            if fused:
-                assert isinstance(weighted, _Kept)
-                self._add_chunk_fused(i, part, weighted, first)
+            if len(kept) == len(group):
+                self._add_chunk_fused(group, kept, part, first)
             else:
                 size = part.stop - part.start
-                # The scratch buffer is free again before `_add_chunk` clamps into it.
-                kept, scratch = self._buffer("kept", like)[:size], self._buffer("scratch", like)[:size]
-                self._add_chunk(i, part, weighted.chunk(part, kept, scratch), first)
+                for index, (i, weighted) in enumerate(group):
+                    # The scratch buffer is free again before `_add_chunk` clamps into it.
+                    chunk = self._buffer("kept", like)[:size], self._buffer("scratch", like)[:size]
+                    self._add_chunk(i, part, weighted.chunk(part, *chunk), first and index == 0)
             if finish is not None:
                 self._finish_chunk(part, finish)
         if finish is not None:
@@ -257,33 +261,39 @@ class _Fold:
             setattr(self, name, buf)
         return buf
 
-    def _fuses(self, weighted: _Whole | _Kept) -> bool:
-        """Whether model i's chunks are made and folded in by one native kernel (see
-        `mergebuild.native`; the same bits as `_add_chunk`): a kept delta whose kept weights,
-        if tracked, are bit sets."""
-        if not isinstance(weighted, _Kept) or (self.track_weights and not self.use_bits):
+    def _fuses(self, weighted: _Kept) -> bool:
+        """Whether a kept delta's chunks are made and folded in by a native kernel (see
+        `mergebuild.native`; the same bits as `_add_chunk`): where its kept weights, if
+        tracked, are bit sets."""
+        if self.track_weights and not self.use_bits:
             return False
         sparse = weighted.sparse
         return native.usable(sparse.expert, sparse.mask, weighted.base, sparse.factor)
 
-    def _add_chunk_fused(self, i: int, part: slice, weighted: _Kept, first: bool) -> None:
-        """`_add_chunk` of flat elements `part` of model i's weighted kept delta, made and folded
-        in by one native kernel."""
-        sparse = weighted.sparse
-        operands = (
-            sparse.expert.reshape(-1)[part],
-            weighted.base.reshape(-1)[part],
-            sparse.mask.reshape(-1)[part],
-            sparse.factor,
-            weighted.weight,
-        )
+    def _add_chunk_fused(
+        self, group: Sequence[tuple[int, _Whole | _Kept]], kept: list[_Kept], part: slice, first: bool
+    ) -> None:
+        """`_add_chunk` of flat elements `part` of each model's weighted kept delta (`kept`, the
+        group's), made and folded in by one native kernel."""
+        models = [
+            (
+                weighted.sparse.expert.reshape(-1)[part],
+                weighted.sparse.mask.reshape(-1)[part],
+                weighted.sparse.factor,
+                weighted.weight,
+                1 << i,
+            )
+            for (i, _), weighted in zip(group, kept, strict=True)
+        ]
+        assert all(weighted.base is kept[0].base for weighted in kept), "one base for the tensor"
+        base = kept[0].base.reshape(-1)[part]
         if not self.consensus:
             assert self.total is not None
-            native.fold_total(*operands, self.total.reshape(-1)[part], first)
+            native.fold_total(models, base, self.total.reshape(-1)[part], first)
             return
         assert self.pos is not None and self.neg is not None
         pos, neg = self.pos.reshape(-1)[part], self.neg.reshape(-1)[part]
-        native.fold_signed(*operands, pos, neg, first, self._bit_sets(part), 1 << i)
+        native.fold_signed(models, base, pos, neg, first, self._bit_sets(part))
 
     def _bit_sets(self, part: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Flat elements `part` of the positive and negative bit sets, when they are tracked."""
@@ -550,22 +560,26 @@ class TaskArithmeticFamily(Method):
             untracked = normalize and not fold.track_weights
             finish.apply(mixed.reshape(-1), finish.weight_sum if untracked else None, slice(None))
             return finished(mixed)
-        # Model i is folded in on a second thread while the next models are read and
-        # sparsified (torch releases the GIL): folds stay in model order, one at a time, and
-        # up to `_folds_ahead` models wait for theirs. The last fold also finishes the merged
-        # tensor, a chunk at a time.
+        # Models are folded in on a second thread while the next models are read and
+        # sparsified (torch releases the GIL): folds stay in model order, one group at a time,
+        # and up to `_folds_ahead` groups wait for theirs. Where two models may wait, they are
+        # folded in twos, which moves the sums through memory half as often. The last fold
+        # also finishes the merged tensor, a chunk at a time.
         folder = _folder()
         ahead = _folds_ahead(base.numel())
         pending: collections.deque[Future[None]] = collections.deque()
+        group: list[tuple[int, _Whole | _Kept]] = []
         try:
             for i in folded:
-                weighted = self.weighted_delta(ctx, i, base, fold.weights[i])
+                group.append((i, self.weighted_delta(ctx, i, base, fold.weights[i])))
+                if len(group) < ahead and i != folded[-1]:
+                    continue
                 while len(pending) >= ahead:
                     pending.popleft().result()
-                pending.append(folder.submit(fold.add, i, weighted, finish if i == folded[-1] else None))
-                # The fold owns it now: holding it here too would keep a tensor of the model's
-                # size alive while the next model's delta is made.
-                del weighted
+                pending.append(folder.submit(fold.add, group, finish if i == folded[-1] else None))
+                # The fold owns the group now: holding it here too would keep its models alive
+                # while the next ones are made.
+                group = []
         except BaseException:
             # Every fold ends before an error is raised (a fold's own first): none is left
             # writing into sums that nothing will read.

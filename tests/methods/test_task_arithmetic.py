@@ -372,7 +372,7 @@ def _finish(like: torch.Tensor, normalize: bool) -> _Finish:
 def _fold_all(fold: _Fold, weights: list[float], deltas: list[torch.Tensor], normalize: bool) -> torch.Tensor:
     last = len(weights) - 1
     for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
-        fold.add(i, _weighted(d, w), _finish(d, normalize) if i == last else None)
+        fold.add([(i, _weighted(d, w))], _finish(d, normalize) if i == last else None)
     return fold.result()
 
 
@@ -495,31 +495,53 @@ def test_a_large_tensor_waits_for_one_fold_at_a_time() -> None:
 
 
 def test_an_error_is_raised_once_every_waiting_fold_has_ended(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Model 2 cannot be read while the folds of models 0 and 1 wait, and model 0's fold fails:
-    # its error is raised only after model 1's fold has ended too.
+    # Small tensors fold models in twos. Model 4 cannot be read while the folds of models 0
+    # and 1 and of models 2 and 3 wait, and the first fold fails: its error is raised only
+    # after the second fold has ended too.
     class Failing(FakeContext):
         def stored_model(self, i: int) -> torch.Tensor:
-            if i == 2:
-                raise OSError("model 2 cannot be read")
+            if i == 4:
+                raise OSError("model 4 cannot be read")
             return super().stored_model(i)
 
-    ended: list[int] = []
+    ended: list[list[int]] = []
     add = _Fold.add
 
-    def slow_add(self: _Fold, i: int, *args: object) -> None:
-        time.sleep(0.2)  # still folding when model 2 fails
-        if i == 0:
+    def slow_add(self: _Fold, group: list[tuple[int, object]], *args: object) -> None:
+        time.sleep(0.2)  # still folding when model 4 fails
+        if group[0][0] == 0:
             raise RuntimeError("fold 0 failed")
-        add(self, i, *args)
-        ended.append(i)
+        add(self, group, *args)  # type: ignore[arg-type]
+        ended.append([i for i, _ in group])
 
     monkeypatch.setattr(_Fold, "add", slow_add)
-    base, models, per_model = _close_models(seed=14, count=4)
+    base, models, per_model = _close_models(seed=14, count=6)
     impl = get_method("ties")
     with pytest.raises(RuntimeError, match="fold 0 failed") as raised:
         impl.merge(Failing(impl, base, models, {}, per_model))
     assert isinstance(raised.value.__context__, OSError)
-    assert ended == [1]
+    assert ended == [[2, 3]]
+
+
+def test_small_tensors_fold_models_in_twos_and_large_ones_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    groups: list[list[int]] = []
+    add = _Fold.add
+
+    def recorded(self: _Fold, group: list[tuple[int, object]], *args: object) -> None:
+        groups.append([i for i, _ in group])
+        add(self, group, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_Fold, "add", recorded)
+    base, models, per_model = _close_models(seed=16, count=5)
+    impl = get_method("ties")
+    merged = impl.merge(FakeContext(impl, base, models, {}, per_model))
+    assert groups == [[0, 1], [2, 3], [4]]
+    monkeypatch.setattr(task_arithmetic, "_FOLD_QUEUE_BYTES", 30)
+    groups.clear()
+    assert torch.equal(impl.merge(FakeContext(impl, base, models, {}, per_model)), merged)
+    assert groups == [[0], [1], [2], [3], [4]]
 
 
 @pytest.mark.parametrize("fold_queue_bytes", [task_arithmetic._FOLD_QUEUE_BYTES, 30])
@@ -529,10 +551,10 @@ def test_start_merge_returns_before_the_last_fold_ends_only_for_a_small_tensor(
     monkeypatch.setattr(task_arithmetic, "_FOLD_QUEUE_BYTES", fold_queue_bytes)
     add = _Fold.add
 
-    def slow_finish(self: _Fold, i: int, weighted: object, finish: object = None) -> None:
+    def slow_finish(self: _Fold, group: object, finish: object = None) -> None:
         if finish is not None:
             time.sleep(0.3)
-        add(self, i, weighted, finish)  # type: ignore[arg-type]
+        add(self, group, finish)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_Fold, "add", slow_finish)
     base, models, per_model = _close_models(seed=15, count=3)
