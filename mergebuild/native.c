@@ -18,7 +18,8 @@ typedef int64_t i64;
 /* Some loops have a second, AVX-512 copy on x86-64 with GCC or Clang (intrinsics in
    functions compiled for those instructions), which the CPU picks at run time where it has
    them; MERGEBUILD_NATIVE_AVX512=0 keeps to the portable loops, and the tests compare the
-   two. Both copies do integer work and give the same bits. */
+   two. Both copies give the same bits: their integer work is exact, and their float
+   operations are the portable loop's, in its order, each rounded once. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define WIDE __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512vbmi2,popcnt")))
@@ -99,7 +100,7 @@ static inline __attribute__((always_inline)) float kept_weighted(
 
 /* Without consensus: total = x + 0 for the first model (IEEE: -0 becomes +0), else total + x. */
 static void fold_total(i64 n, const void *e, int ke, const void *b, int kb, const uint8_t *restrict mask,
-                   const float *factor, float weight, float *restrict total, int first) {
+                       const float *factor, float weight, float *restrict total, int first) {
     const float scale = factor ? *factor : 1.0f;
 #define FOLD_TOTAL(KE, KB)                                                            \
     if (first)                                                                        \
@@ -147,8 +148,8 @@ static inline __attribute__((always_inline)) float kept_if(float x, int keep) {
    `neg_bits` too), bit `bit` is set where x is positive (or negative), in bit sets of
    `width` bytes (1 or 4). */
 static void fold_signed(i64 n, const void *e, int ke, const void *b, int kb, const uint8_t *restrict mask,
-                    const float *factor, float weight, float *restrict pos, float *restrict neg, int first,
-                    void *restrict pos_bits, void *restrict neg_bits, int width, uint32_t bit) {
+                        const float *factor, float weight, float *restrict pos, float *restrict neg, int first,
+                        void *restrict pos_bits, void *restrict neg_bits, int width, uint32_t bit) {
     const float scale = factor ? *factor : 1.0f;
     if (!pos_bits) {
         BY_KINDS(ke, kb, SIGNED_NONE)
@@ -189,8 +190,8 @@ void mb_fold_total_group(i64 n, int count, const FoldModel *models, const void *
         for (int i = 0; i < count; i++) {
             const FoldModel *model = &models[i];
             fold_total(m, (const char *)model->expert + lo * kind_bytes(model->kind), model->kind,
-                          (const char *)b + lo * kind_bytes(kb), kb, model->mask + lo, model->factor,
-                          model->weight, total + lo, first && i == 0);
+                       (const char *)b + lo * kind_bytes(kb), kb, model->mask + lo, model->factor, model->weight,
+                       total + lo, first && i == 0);
         }
     }
 }
@@ -202,10 +203,9 @@ void mb_fold_signed_group(i64 n, int count, const FoldModel *models, const void 
         for (int i = 0; i < count; i++) {
             const FoldModel *model = &models[i];
             fold_signed(m, (const char *)model->expert + lo * kind_bytes(model->kind), model->kind,
-                           (const char *)b + lo * kind_bytes(kb), kb, model->mask + lo, model->factor,
-                           model->weight, pos + lo, neg + lo, first && i == 0,
-                           pos_bits ? (char *)pos_bits + lo * width : NULL,
-                           neg_bits ? (char *)neg_bits + lo * width : NULL, width, model->bit);
+                        (const char *)b + lo * kind_bytes(kb), kb, model->mask + lo, model->factor, model->weight,
+                        pos + lo, neg + lo, first && i == 0, pos_bits ? (char *)pos_bits + lo * width : NULL,
+                        neg_bits ? (char *)neg_bits + lo * width : NULL, width, model->bit);
         }
     }
 }

@@ -224,10 +224,12 @@ class _Fold:
                 self.total = torch.empty_like(like, dtype=torch.float32)
             if self.track_weights:
                 self._start_weights(like)
-        kept = [weighted for _, weighted in group if isinstance(weighted, _Kept) and self._fuses(weighted)]
+        kept = [
+            (i, weighted) for i, weighted in group if isinstance(weighted, _Kept) and self._fuses(weighted)
+        ]
         for part in _chunks(like.numel()):
             if len(kept) == len(group):
-                self._add_chunk_fused(group, kept, part, first)
+                self._add_chunk_fused(kept, part, first)
             else:
                 size = part.stop - part.start
                 for index, (i, weighted) in enumerate(group):
@@ -270,11 +272,9 @@ class _Fold:
         sparse = weighted.sparse
         return native.usable(sparse.expert, sparse.mask, weighted.base, sparse.factor)
 
-    def _add_chunk_fused(
-        self, group: Sequence[tuple[int, _Whole | _Kept]], kept: list[_Kept], part: slice, first: bool
-    ) -> None:
-        """`_add_chunk` of flat elements `part` of each model's weighted kept delta (`kept`, the
-        group's), made and folded in by one native kernel."""
+    def _add_chunk_fused(self, kept: list[tuple[int, _Kept]], part: slice, first: bool) -> None:
+        """`_add_chunk` of flat elements `part` of the weighted kept deltas of `kept` (model i
+        and its delta, in model order), made and folded in by one native kernel."""
         models = [
             (
                 weighted.sparse.expert.reshape(-1)[part],
@@ -283,10 +283,11 @@ class _Fold:
                 weighted.weight,
                 1 << i,
             )
-            for (i, _), weighted in zip(group, kept, strict=True)
+            for i, weighted in kept
         ]
-        assert all(weighted.base is kept[0].base for weighted in kept), "one base for the tensor"
-        base = kept[0].base.reshape(-1)[part]
+        like = kept[0][1].base
+        assert all(weighted.base is like for _, weighted in kept), "one base for the tensor"
+        base = like.reshape(-1)[part]
         if not self.consensus:
             assert self.total is not None
             native.fold_total(models, base, self.total.reshape(-1)[part], first)
